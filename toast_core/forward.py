@@ -1,0 +1,316 @@
+"""The steered forward: the one forward pass every method, view, test and benchmark uses.
+
+It runs a timm VisionTransformer's own modules block by block, with explicit touch points
+(input transform, prompt tokens, linear deltas, a value signal, attention override) and a capture
+spec that computes only what is asked: fused SDPA when no map is needed, one extra CLS row when
+only CLS rows are needed, explicit attention only where full maps or overrides are asked for.
+Nothing is registered on the model, so the shared frozen backbone is never mutated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+LayerSpec = bool | Iterable[int]
+LINEAR_SITES = ("qkv", "proj", "fc1", "fc2")
+
+
+class UnsupportedBackbone(ValueError):
+    """The model has a block layout the steered forward does not know how to run."""
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What to return besides the final tokens. Each field: False, True (all layers) or layer indices.
+
+    cls_attn: post-softmax attention row of the readout query (CLS, or the mean over queries for
+    models without CLS), per head: {layer: (B, H, N)}.
+    attn / attn_logits: full post-softmax maps / scaled pre-softmax logits: {layer: (B, H, N, N)}.
+    block_inputs / block_outputs: residual stream before / after each block: {layer: (B, N, d)}.
+    """
+
+    cls_attn: LayerSpec = False
+    attn: LayerSpec = False
+    attn_logits: LayerSpec = False
+    block_inputs: LayerSpec = False
+    block_outputs: LayerSpec = False
+
+
+NOTHING = Capture()
+
+
+class Steer:
+    """Touch points on the steered forward; a method overrides the ones it uses.
+
+    Every default leaves the frozen backbone's computation exactly as timm computes it.
+    """
+
+    #: add the value bias a second time to the value signal (TOAST's released code does this)
+    value_signal_bias: bool = False
+
+    def transform_input(self, images: Tensor) -> Tensor:
+        """Pixel-space change of the normalised image (visual prompting)."""
+        return images
+
+    def prompts(self, layer: int, batch: int) -> Tensor | None:
+        """Prompt tokens (B or 1, p, d) inserted after the prefix tokens before `layer` (first time)
+        or overwriting those slots (later layers)."""
+        return None
+
+    def linear_delta(self, layer: int, site: str, inp: Tensor) -> Tensor | None:
+        """Additive change to the output of linear `site` (qkv/proj/fc1/fc2) of block `layer`."""
+        return None
+
+    def value_signal(self, layer: int) -> Tensor | None:
+        """A top-down signal td (B, N, d) in input space; the forward adds W_v·td to the values."""
+        return None
+
+    def attention_override(self, layer: int) -> Tensor | None:
+        """A post-softmax attention map (B, H, N, N) to use instead of the block's own."""
+        return None
+
+
+@dataclass
+class SteeredOutput:
+    """Final tokens plus whatever the capture spec asked for, and where the patch tokens are."""
+
+    tokens: Tensor
+    hidden: Tensor
+    patch_start: int
+    num_prompts: int
+    grid: tuple[int, int]
+    cls_attn: dict[int, Tensor] = field(default_factory=dict)
+    attn: dict[int, Tensor] = field(default_factory=dict)
+    attn_logits: dict[int, Tensor] = field(default_factory=dict)
+    block_inputs: dict[int, Tensor] = field(default_factory=dict)
+    block_outputs: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def patch_tokens(self) -> Tensor:
+        return self.tokens[:, self.patch_start :]
+
+
+def resolve_layers(spec: LayerSpec, depth: int) -> frozenset[int]:
+    """Turn a capture field into a set of non-negative layer indices (negatives count from the end)."""
+    if spec is True:
+        return frozenset(range(depth))
+    if spec is False or spec is None:
+        return frozenset()
+    out = set()
+    for layer in spec:  # type: ignore[union-attr]
+        idx = layer + depth if layer < 0 else layer
+        if not 0 <= idx < depth:
+            raise IndexError(f"Layer {layer} is out of range for a backbone with {depth} blocks.")
+        out.add(idx)
+    return frozenset(out)
+
+
+def check_supported(model: nn.Module) -> VisionTransformer:
+    """The steered forward runs standard timm pre-norm blocks; refuse anything else clearly."""
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedBackbone(f"Expected a timm VisionTransformer, got {type(model).__name__}.")
+    for blk in model.blocks:
+        if type(blk) is not Block:
+            raise UnsupportedBackbone(
+                f"Block type {type(blk).__name__} is not supported (only timm's standard pre-norm Block)."
+            )
+    return model
+
+
+def embed(model: VisionTransformer, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Patch embedding + prefix tokens + positions, exactly as timm's forward_features starts."""
+    x = model.patch_embed(images)
+    if x.ndim == 4:  # dynamic_img_size keeps NHWC here
+        grid = (int(x.shape[1]), int(x.shape[2]))
+    else:
+        gh = images.shape[-2] // model.patch_embed.patch_size[0]
+        gw = images.shape[-1] // model.patch_embed.patch_size[1]
+        grid = (int(gh), int(gw))
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    return x, grid
+
+
+def _with_prompts(x: Tensor, prompts: Tensor, num_prefix: int, num_prompts: int) -> Tensor:
+    """Insert prompt tokens after the prefix tokens, or overwrite the slots they already hold."""
+    p = prompts.expand(x.shape[0], -1, -1).to(x.dtype)
+    if num_prompts == 0:
+        return torch.cat([x[:, :num_prefix], p, x[:, num_prefix:]], dim=1)
+    if p.shape[1] != num_prompts:
+        raise ValueError(f"Prompt count changed from {num_prompts} to {p.shape[1]} between blocks.")
+    return torch.cat([x[:, :num_prefix], p, x[:, num_prefix + num_prompts :]], dim=1)
+
+
+def _linear(mod: nn.Linear, inp: Tensor, steer: Steer | None, layer: int, site: str) -> Tensor:
+    out = mod(inp)
+    if steer is not None:
+        delta = steer.linear_delta(layer, site, inp)
+        if delta is not None:
+            out = out + delta
+    return out
+
+
+def _attention(
+    blk: Block,
+    u: Tensor,
+    layer: int,
+    steer: Steer | None,
+    want_row: bool,
+    want_map: bool,
+    want_logits: bool,
+    has_cls: bool,
+    out: SteeredOutput,
+) -> Tensor:
+    attn = blk.attn
+    B, N, _ = u.shape
+    H, D = attn.num_heads, attn.head_dim
+    C = H * D
+    gate = attn.gate(u).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = _linear(attn.qkv, u, steer, layer, "qkv")
+    qkv = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if steer is not None:
+        td = steer.value_signal(layer)
+        if td is not None:
+            w_v = attn.qkv.weight[2 * C :]
+            b_v = attn.qkv.bias[2 * C :] if (steer.value_signal_bias and attn.qkv.bias is not None) else None
+            dv = F.linear(td.to(u.dtype), w_v, b_v)
+            v = v + dv.reshape(B, N, H, D).transpose(1, 2)
+    override = steer.attention_override(layer) if steer is not None else None
+    explicit = want_map or want_logits or override is not None or (want_row and not has_cls)
+    if explicit:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        weights = logits.softmax(dim=-1)
+        if want_logits:
+            out.attn_logits[layer] = logits
+        if want_map:
+            out.attn[layer] = weights
+        if want_row:
+            out.cls_attn[layer] = weights[:, :, 0] if has_cls else weights.mean(dim=2)
+        if override is not None:
+            weights = override.to(weights.dtype)
+        o = weights @ v
+    else:
+        o = F.scaled_dot_product_attention(q, k, v)
+        if want_row:
+            row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out.cls_attn[layer] = row[:, :, 0]
+    o = o.transpose(1, 2).reshape(B, N, C)
+    o = getattr(attn, "norm", nn.Identity())(o)
+    if gate is not None:
+        o = o * gate
+    return _linear(attn.proj, o, steer, layer, "proj")
+
+
+def _mlp(blk: Block, u: Tensor, layer: int, steer: Steer | None) -> Tensor:
+    mlp = blk.mlp
+    h = _linear(mlp.fc1, u, steer, layer, "fc1")
+    h = mlp.act(h)
+    h = mlp.drop1(h)
+    h = mlp.norm(h)
+    h = _linear(mlp.fc2, h, steer, layer, "fc2")
+    return mlp.drop2(h)
+
+
+def steered_forward(
+    model: VisionTransformer,
+    images: Tensor | None,
+    steer: Steer | None = None,
+    capture: Capture = NOTHING,
+    *,
+    start_block: int = 0,
+    hidden: Tensor | None = None,
+    num_prompts: int = 0,
+    grid: tuple[int, int] | None = None,
+    stop_block: int | None = None,
+) -> SteeredOutput:
+    """Run `model` with the steering touch points and return the final-norm tokens and captures.
+
+    With `start_block > 0`, `hidden` is the residual stream entering that block (e.g. reused from an
+    earlier pass) and `images` is ignored. `stop_block` runs blocks [start_block, stop_block) only;
+    `tokens` is then the final norm applied to that intermediate stream.
+    """
+    depth = len(model.blocks)
+    stop = depth if stop_block is None else stop_block
+    if not 0 <= start_block <= stop <= depth:
+        raise IndexError(f"Blocks [{start_block}, {stop}) are out of range for depth {depth}.")
+    has_cls = model.cls_token is not None
+    num_prefix = int(model.num_prefix_tokens)
+    rows = resolve_layers(capture.cls_attn, depth)
+    maps = resolve_layers(capture.attn, depth)
+    logit_layers = resolve_layers(capture.attn_logits, depth)
+    ins = resolve_layers(capture.block_inputs, depth)
+    outs = resolve_layers(capture.block_outputs, depth)
+
+    if start_block == 0:
+        if images is None:
+            raise ValueError("images are required when starting at block 0.")
+        if steer is not None:
+            images = steer.transform_input(images)
+        x, grid = embed(model, images)
+        num_prompts = 0
+    else:
+        if hidden is None or grid is None:
+            raise ValueError("Starting past block 0 needs the hidden stream and its grid.")
+        x = hidden
+
+    out = SteeredOutput(
+        tokens=x, hidden=x, patch_start=num_prefix + num_prompts, num_prompts=num_prompts, grid=grid
+    )
+    for layer in range(start_block, stop):
+        blk = model.blocks[layer]
+        if steer is not None:
+            p = steer.prompts(layer, x.shape[0])
+            if p is not None:
+                x = _with_prompts(x, p, num_prefix, num_prompts)
+                num_prompts = p.shape[1]
+        if layer in ins:
+            out.block_inputs[layer] = x
+        a = _attention(
+            blk,
+            blk.norm1(x),
+            layer,
+            steer,
+            layer in rows,
+            layer in maps,
+            layer in logit_layers,
+            has_cls,
+            out,
+        )
+        x = x + blk.drop_path1(blk.ls1(a))
+        x = x + blk.drop_path2(blk.ls2(_mlp(blk, blk.norm2(x), layer, steer)))
+        if layer in outs:
+            out.block_outputs[layer] = x
+    out.hidden = x
+    out.tokens = model.norm(x)
+    out.num_prompts = num_prompts
+    out.patch_start = num_prefix + num_prompts
+    return out
+
+
+def pool(model: VisionTransformer, out: SteeredOutput) -> Tensor:
+    """Image feature from the final tokens, the model's own way, with prompt tokens excluded."""
+    tokens = out.tokens
+    pool_type = model.global_pool
+    if getattr(model, "attn_pool", None) is not None:
+        feat = model.attn_pool(tokens)
+    elif pool_type == "token":
+        feat = tokens[:, 0]
+    elif pool_type == "avg":
+        feat = tokens[:, out.patch_start :].mean(dim=1)
+    elif pool_type == "max":
+        feat = tokens[:, out.patch_start :].amax(dim=1)
+    elif pool_type == "avgmax":
+        patches = tokens[:, out.patch_start :]
+        feat = 0.5 * (patches.mean(dim=1) + patches.amax(dim=1))
+    else:
+        feat = tokens[:, 0] if model.cls_token is not None else tokens[:, out.patch_start :].mean(dim=1)
+    return model.fc_norm(feat)

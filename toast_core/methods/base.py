@@ -1,0 +1,116 @@
+"""The steering-method interface: a small nn.Module holding only what a method learns.
+
+A method is a `Steer` (its touch points on the steered forward) plus a head. The shared frozen
+backbone is referenced, never registered as a submodule, so `state_dict()`, `parameters()` and
+`.to()` only ever see the method's own state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from timm.models.vision_transformer import VisionTransformer
+
+from toast_core.backbone import Backbone, TokenLayout
+from toast_core.forward import NOTHING, Capture, Steer, SteeredOutput, pool, steered_forward
+
+
+@dataclass
+class MethodConfig:
+    """Settings common to every method; each method subclasses this with its own typed fields."""
+
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MethodOutput:
+    """Logits plus the pass that produced them (captures included), and method-specific extras."""
+
+    logits: Tensor
+    features: Tensor
+    out: SteeredOutput
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class SteeringMethod(nn.Module, Steer):
+    """Base class: plain linear readout over the unmodified backbone (the linear probe's behaviour)."""
+
+    name: ClassVar[str] = "base"
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    #: attention views this method can show beyond the common ones (e.g. "toast_pass1", "selection")
+    extra_views: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, backbone: Backbone, num_classes: int, config: MethodConfig | None = None):
+        nn.Module.__init__(self)
+        self.config = config if config is not None else self.config_cls()
+        self._backbone_ref = (backbone,)  # a tuple keeps it out of the module tree
+        self.num_classes = int(num_classes)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(self.config.seed)
+        try:
+            self.head = nn.Linear(backbone.layout.embed_dim, self.num_classes)
+            self.build()
+        finally:
+            torch.random.set_rng_state(generator_state)
+        self.to(backbone.device)
+
+    # --- what subclasses customise -------------------------------------------------------------
+    def build(self) -> None:
+        """Create the method's own parameters (called once, under the method's seed)."""
+
+    def extra_losses(self, output: MethodOutput, labels: Tensor) -> dict[str, Tensor]:
+        """Loss terms beyond the task cross-entropy, by name (already weighted)."""
+        return {}
+
+    def capture_for_loss(self) -> Capture:
+        """What the training step must capture for `extra_losses`."""
+        return NOTHING
+
+    # --- shared behaviour ----------------------------------------------------------------------
+    @property
+    def backbone(self) -> Backbone:
+        return self._backbone_ref[0]
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.backbone.layout
+
+    @property
+    def vit(self) -> VisionTransformer:
+        """The weights this method runs on: the shared frozen backbone unless it owns a copy."""
+        return self.backbone.model
+
+    def forward(self, images: Tensor, capture: Capture = NOTHING) -> MethodOutput:
+        out = steered_forward(self.vit, images, steer=self, capture=capture)
+        features = pool(self.vit, out)
+        return MethodOutput(logits=self.head(features), features=features, out=out)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def trainable_share(self) -> float:
+        """Trainable parameters as a share of the frozen backbone's parameter count."""
+        total = sum(p.numel() for p in self.backbone.model.parameters())
+        return self.trainable_count() / max(total, 1)
+
+    def views(self) -> tuple[str, ...]:
+        return ("cls", "rollout", "grad_rollout", "gradcam", *self.extra_views)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "config": self.config.to_dict(),
+            "trainable_params": self.trainable_count(),
+            "trainable_share": self.trainable_share(),
+            "num_classes": self.num_classes,
+            "views": list(self.views()),
+        }
