@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -246,6 +248,22 @@ def _cached_hub_file(model_name: str) -> str | None:
     return None
 
 
+def _require_vit(model_name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse a non-ViT timm name before any download: build it on the meta device (no memory, instant)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(model_name, pretrained=False, **kwargs)
+    except Exception as exc:
+        raise BackboneError(f"Could not build '{model_name}': {type(exc).__name__}: {exc}") from exc
+    if not isinstance(probe, VisionTransformer):
+        raise BackboneError(
+            f"'{model_name}' is a {type(probe).__name__}, not a ViT/DeiT VisionTransformer; the steered "
+            "forward needs a timm VisionTransformer (e.g. 'deit_tiny_patch16_224')."
+        )
+
+
 def load_from_hub(
     model_name: str,
     *,
@@ -261,6 +279,7 @@ def load_from_hub(
             "'vit_small_patch16_224.augreg_in21k_ft_in1k', or use the embedded backbone."
         )
     kwargs = dict(model_kwargs or {})
+    _require_vit(model_name, kwargs)
     cached = _cached_hub_file(model_name)
     if cached is None and not _hub_reachable():
         raise BackboneError(
@@ -290,23 +309,33 @@ def load_from_hub(
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read weights without unpickling arbitrary objects."""
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            return load_safetensors(str(path))
-        if suffix in (".pth", ".pt", ".bin"):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        else:
+    if suffix == ".safetensors":
+        try:
+            obj: Any = load_safetensors(str(path))
+        except Exception as exc:
             raise BackboneError(
-                f"Unsupported weights file '{path.name}': use .safetensors, .pth, .pt or .bin."
-            )
-    except BackboneError:
-        raise
-    except Exception as exc:
+                f"'{path.name}' is not a valid safetensors file ({type(exc).__name__}: {exc}). "
+                "Check that it is the weights file itself, not a renamed archive or web page."
+            ) from exc
+    elif suffix in (".pth", ".pt", ".bin"):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            blocked = re.search(r"unsupported GLOBAL (\S+)", str(exc))
+            what = f" (it needs `{blocked.group(1)}`)" if blocked else ""
+            raise BackboneError(
+                f"Refused to load '{path.name}': it holds pickled Python objects beyond plain "
+                f"tensors{what}, and this project never unpickles files. Save a plain state dict "
+                "(torch.save(model.state_dict(), ...)) or, better, a .safetensors file."
+            ) from exc
+        except Exception as exc:
+            raise BackboneError(
+                f"Could not read '{path.name}' as a torch weights file ({type(exc).__name__}: {exc})."
+            ) from exc
+    else:
         raise BackboneError(
-            f"Could not read weights from '{path.name}': {type(exc).__name__}: {exc}. "
-            "Only safetensors files and plain tensor state dicts (torch.save of a state_dict) "
-            "are accepted; pickled objects are refused."
-        ) from exc
+            f"Unsupported weights file '{path.name}': use .safetensors, .pth, .pt or .bin."
+        )
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

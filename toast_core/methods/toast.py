@@ -1,0 +1,376 @@
+"""TOAST: top-down attention steering (Shi et al., ICCV 2023; official code bfshi/TOAST).
+
+Forward (methods.md §5):
+1. pass 1: the frozen backbone runs once with no autograd graph; z = final-norm tokens (B, N, d);
+2. selection, token-wise on every token (CLS included): m_i = clamp(cos(z_i, ξ), 0, 1),
+   z̃_i = (m_i z_i) P;
+3. feedback, top to bottom, one decoder per block (two bias-free d×d linears, no activation):
+   h = z̃; for l = L-1 … 0: h = W1_l h, td_l = W2_l h;
+4. pass 2: the backbone runs again and block l adds W_v td_l to its values (queries and keys
+   unchanged); the logits come from pass 2.
+
+Decoder l serves block l, exactly as the released `feedback()` indexes `decoders[depth]` (it walks
+depth = L-1 … 0 and hands `td[depth]` to block `depth`), so official checkpoints map one to one.
+
+Variants (paper §limitations), both given in 0-based block indices:
+- `feedback_from = k` (early feedback): pass 1 runs blocks [0, k) only and the selection reads the
+  final LayerNorm of the stream after those k blocks, i.e. of the output of block k-1 ("selection
+  read from block k, pass 1 stops at k", blocks counted from 1 as in the paper). The feedback then
+  starts at decoder k-1 and reaches blocks [0, k); blocks ≥ k run unsteered in pass 2. Starting at
+  decoder k-1 keeps every decoder next to the block it was pre-tuned to invert (W1_l ≈ block l⁻¹).
+- `feedback_to = k` (late feedback): td reaches only blocks [k, L) (decoders L-1 … k); pass 2
+  starts at block k from the pass-1 stream entering block k (blocks below k see no feedback, so
+  their pass-2 activations would equal pass 1's), and runs only the top L-k blocks.
+Decoders outside the feedback range stay in the module (checkpoints keep one layout) but frozen.
+`feedback_from = L` and `feedback_to = 0` are the default TOAST exactly.
+
+TOAST-Lite: both decoder linears frozen plus a LoRA update (rank 4, alpha 1 → scale 0.25, B = 0,
+A Kaiming, loralib's layout), trainable with ξ, P and the head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from toast_core.backbone import Backbone
+from toast_core.forward import (
+    NOTHING,
+    Capture,
+    LayerSpec,
+    Steer,
+    SteeredOutput,
+    pool,
+    resolve_layers,
+    steered_forward,
+)
+from toast_core.methods.base import MethodConfig, MethodOutput, SteeringMethod
+
+CAPTURE_FIELDS = ("cls_attn", "attn", "attn_logits", "block_inputs", "block_outputs")
+DECODER_INIT_STD = 0.02  # the released model's init_weights_vit_timm: trunc_normal(std=.02) on every Linear
+
+
+@dataclass
+class ToastConfig(MethodConfig):
+    """TOAST settings. Defaults: the paper form, all blocks, official trainable set."""
+
+    #: add the value bias b_v a second time (the released code sends td through the full qkv Linear)
+    official_compat: bool = False
+    #: early feedback: selection read after the first k blocks (pass 1 stops at k); None = L
+    feedback_from: int | None = None
+    #: late feedback: td only to blocks >= k, pass 2 starts at block k; None = 0
+    feedback_to: int | None = None
+    #: TOAST-Lite: frozen decoder linears plus LoRA updates
+    lite: bool = False
+    lora_rank: int = 4
+    lora_alpha: float = 1.0
+    #: train the channel selection P (official TOAST keeps it at identity; TOAST-Lite trains it)
+    train_P: bool = False
+    #: λ of the variational loss (0 in tuning, 0.1 in pre-tuning)
+    var_loss_weight: float = 0.0
+
+
+@dataclass
+class ToastLiteConfig(ToastConfig):
+    """TOAST-Lite: LoRA rank 4 (alpha 1) on both decoder linears; ξ, P and the head trainable."""
+
+    lite: bool = True
+    train_P: bool = True
+
+
+class LoRALinear(nn.Module):
+    """A frozen bias-free linear plus a trainable rank-r update scaled by alpha / r (loralib layout).
+
+    Parameter names (`weight`, `lora_A`, `lora_B`) match loralib so official TOAST-Lite checkpoints map.
+    """
+
+    def __init__(self, dim: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+        self.weight = nn.Parameter(torch.empty(dim, dim), requires_grad=False)
+        self.lora_A = nn.Parameter(torch.empty(rank, dim))
+        self.lora_B = nn.Parameter(torch.zeros(dim, rank))
+        self.scaling = float(alpha) / float(rank)
+        nn.init.trunc_normal_(self.weight, std=DECODER_INIT_STD)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    def merged_weight(self) -> Tensor:
+        """W + (alpha/r)·B·A: the matrix this layer applies."""
+        return self.weight + (self.lora_B @ self.lora_A) * self.scaling
+
+
+class ToastDecoder(nn.Module):
+    """One feedback layer: h' = W1 h is passed down, td = W2 h' goes to the block (released Decode_Block)."""
+
+    def __init__(self, dim: int, lite: bool, rank: int, alpha: float) -> None:
+        super().__init__()
+        if lite:
+            self.linear: nn.Module = LoRALinear(dim, rank, alpha)
+            self.linear2: nn.Module = LoRALinear(dim, rank, alpha)
+        else:
+            self.linear = nn.Linear(dim, dim, bias=False)
+            self.linear2 = nn.Linear(dim, dim, bias=False)
+            nn.init.trunc_normal_(self.linear.weight, std=DECODER_INIT_STD)
+            nn.init.trunc_normal_(self.linear2.weight, std=DECODER_INIT_STD)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.linear(h)
+        return h, self.linear2(h)
+
+
+class _TopDownSignal(Steer):
+    """The per-call touch point of pass 2: block l adds W_v·td_l (+ b_v in official form) to V.
+
+    A fresh object per forward keeps the module free of per-image state, so one TOAST module can
+    serve several threads (a training run and a page view) at once.
+    """
+
+    def __init__(self, td: Mapping[int, Tensor], add_bias: bool) -> None:
+        self.td = td
+        self.value_signal_bias = add_bias
+
+    def value_signal(self, layer: int) -> Tensor | None:
+        return self.td.get(layer)
+
+
+def _layers(spec: LayerSpec, depth: int) -> frozenset[int]:
+    return resolve_layers(spec, depth)
+
+
+def _capture(depth: int, **fields: frozenset[int] | set[int]) -> Capture:
+    """A Capture from explicit layer sets (empty set → nothing)."""
+    return Capture(**{name: (tuple(sorted(fields.get(name, ()))) or False) for name in CAPTURE_FIELDS})
+
+
+def _merge_below(target: SteeredOutput, source: SteeredOutput, start: int) -> None:
+    """Copy captures of blocks below `start` (not run in late-feedback pass 2) from pass 1."""
+    for name in CAPTURE_FIELDS:
+        dst: dict[int, Tensor] = getattr(target, name)
+        for layer, value in getattr(source, name).items():
+            if layer < start and layer not in dst:
+                dst[layer] = value
+        setattr(target, name, dict(sorted(dst.items())))
+
+
+class Toast(SteeringMethod):
+    """TOAST (paper form by default; `official_compat` reproduces the released code's logits)."""
+
+    name: ClassVar[str] = "toast"
+    config_cls: ClassVar[type[MethodConfig]] = ToastConfig
+    extra_views: ClassVar[tuple[str, ...]] = ("toast_pass1", "selection")
+    config: ToastConfig
+
+    def __init__(self, backbone: Backbone, num_classes: int, config: ToastConfig | None = None):
+        cfg = config if config is not None else self.config_cls()
+        if not isinstance(cfg, ToastConfig):
+            raise TypeError(f"{type(self).__name__} needs a ToastConfig, got {type(cfg).__name__}.")
+        depth = backbone.layout.depth
+        self.feedback_start, self.feedback_stop = _feedback_range(cfg, depth)
+        super().__init__(backbone, num_classes, cfg)
+
+    # --- construction ---------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.config
+        d, depth = self.layout.embed_dim, self.layout.depth
+        self.decoders = nn.ModuleList(
+            ToastDecoder(d, cfg.lite, cfg.lora_rank, cfg.lora_alpha) for _ in range(depth)
+        )
+        self.xi = nn.Parameter(torch.randn(d))  # task embedding ξ (released: `prompt`)
+        self.P = nn.Parameter(torch.eye(d), requires_grad=cfg.train_P)  # channel selection (`top_down_transform`)
+        for layer, dec in enumerate(self.decoders):
+            if not self.feedback_start <= layer < self.feedback_stop:
+                dec.requires_grad_(False)  # outside the variant's range: kept for the layout, never used
+
+    @property
+    def feedback_blocks(self) -> range:
+        """Blocks that receive a top-down signal in pass 2."""
+        return range(self.feedback_start, self.feedback_stop)
+
+    def load_pretuned(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Initialise decoders and ξ (and P if given) from a pre-tuned TOAST module's state dict.
+
+        Accepts the state dict of a full `Toast` (decoder keys `decoders.{l}.linear.weight` /
+        `.linear2.weight`); a TOAST-Lite module takes them as its frozen base weights and keeps its
+        LoRA update at zero. The head is task-specific and never loaded.
+        """
+        depth, d = self.layout.depth, self.layout.embed_dim
+        expected = {
+            f"decoders.{l}.{name}.weight": (d, d) for l in range(depth) for name in ("linear", "linear2")
+        }
+        expected["xi"] = (d,)
+        problems = [f"missing {k}" for k in expected if k not in state_dict]
+        problems += [
+            f"{k}: {tuple(state_dict[k].shape)} vs {shape}"
+            for k, shape in expected.items()
+            if k in state_dict and tuple(state_dict[k].shape) != shape
+        ]
+        if "P" in state_dict and tuple(state_dict["P"].shape) != (d, d):
+            problems.append(f"P: {tuple(state_dict['P'].shape)} vs {(d, d)}")
+        if problems:
+            raise ValueError(
+                f"Not a pre-tuned TOAST module for this backbone (depth {depth}, width {d}): "
+                + "; ".join(problems[:8])
+            )
+        with torch.no_grad():
+            for l, dec in enumerate(self.decoders):
+                dec.linear.weight.copy_(state_dict[f"decoders.{l}.linear.weight"])
+                dec.linear2.weight.copy_(state_dict[f"decoders.{l}.linear2.weight"])
+                if self.config.lite:
+                    for lin in (dec.linear, dec.linear2):
+                        lin.lora_B.zero_()
+            self.xi.copy_(state_dict["xi"])
+            if "P" in state_dict:
+                self.P.copy_(state_dict["P"])
+
+    # --- the four steps -------------------------------------------------------------------------
+    def select(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Token-wise selection: m = clamp(cos(z_i, ξ), 0, 1) (B, N) and z̃ = (m·z) P (B, N, d)."""
+        m = (F.normalize(z, dim=-1) @ F.normalize(self.xi, dim=0)).clamp(0, 1)
+        return m, (z * m.unsqueeze(-1)) @ self.P
+
+    def feedback(self, z_sel: Tensor) -> dict[int, Tensor]:
+        """td_l for the feedback blocks, top to bottom: h = W1_l h, td_l = W2_l h."""
+        h = z_sel
+        td: dict[int, Tensor] = {}
+        for layer in reversed(self.feedback_blocks):
+            h, td[layer] = self.decoders[layer](h)
+        return td
+
+    def pass1_capture(self, capture: Capture = NOTHING) -> Capture:
+        """What pass 1 records: the caller's CLS rows (pass-1 vs pass-2 views), the stream entering
+        the late-feedback start block, and every capture of blocks that pass 2 does not run."""
+        depth = self.layout.depth
+        start = self.feedback_start if self.config.feedback_to else 0
+        wanted = {name: set(_layers(getattr(capture, name), depth)) for name in CAPTURE_FIELDS}
+        fields = {name: {l for l in layers if l < start} for name, layers in wanted.items()}
+        fields["cls_attn"] |= wanted["cls_attn"]
+        if start > 0:
+            fields["block_inputs"].add(start)
+        return _capture(depth, **fields)
+
+    def pass2_capture(self, capture: Capture = NOTHING) -> Capture:
+        """The caller's capture plus block inputs/outputs of the feedback blocks for the variational loss."""
+        if self.config.var_loss_weight <= 0:
+            return capture
+        depth = self.layout.depth
+        fields = {name: set(_layers(getattr(capture, name), depth)) for name in CAPTURE_FIELDS}
+        fields["block_inputs"] |= set(self.feedback_blocks)
+        fields["block_outputs"] |= set(self.feedback_blocks)
+        return _capture(depth, **fields)
+
+    def forward(self, images: Tensor, capture: Capture = NOTHING) -> MethodOutput:
+        vit = self.vit
+        depth = self.layout.depth
+        late_start = self.feedback_start if self.config.feedback_to else 0
+        # (1) pass 1: nothing before the selection is trainable, so no graph (unless the caller
+        # wants gradients with respect to the input image, e.g. for saliency).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+            first = steered_forward(
+                vit, images, capture=self.pass1_capture(capture), stop_block=self.feedback_stop
+            )
+        # (2) selection and (3) feedback
+        m, z_sel = self.select(first.tokens)
+        td = self.feedback(z_sel)
+        # (4) pass 2, restarted from the pass-1 stream at the late-feedback start block
+        signal = _TopDownSignal(td, add_bias=self.config.official_compat)
+        cap2 = self.pass2_capture(capture)
+        if late_start > 0:
+            second = steered_forward(
+                vit,
+                None,
+                steer=signal,
+                capture=cap2,
+                start_block=late_start,
+                hidden=first.block_inputs[late_start],
+                num_prompts=first.num_prompts,
+                grid=first.grid,
+            )
+            _merge_below(second, first, late_start)
+        else:
+            second = steered_forward(vit, images, steer=signal, capture=cap2)
+        features = pool(vit, second)
+        with torch.no_grad():
+            td_norm = torch.zeros(images.shape[0], depth, device=features.device, dtype=features.dtype)
+            for layer, t in td.items():
+                td_norm[:, layer] = t.norm(dim=-1).mean(dim=1)
+        extras: dict[str, Any] = {"pass1": first, "selection": m, "td_norm": td_norm}
+        return MethodOutput(logits=self.head(features), features=features, out=second, extras=extras)
+
+    # --- pre-tuning loss ------------------------------------------------------------------------
+    def capture_for_loss(self) -> Capture:
+        if self.config.var_loss_weight <= 0:
+            return NOTHING
+        blocks = set(self.feedback_blocks)
+        return _capture(self.layout.depth, block_inputs=blocks, block_outputs=blocks)
+
+    def variational_loss(self, output: MethodOutput) -> Tensor:
+        """λ Σ_l MSE(W1_l·sg(out_l), sg(in_l)) over the feedback blocks of pass 2: W1_l learns to
+        invert block l; inputs are detached so only W1 (its LoRA update in Lite) gets a gradient."""
+        out = output.out
+        missing = [l for l in self.feedback_blocks if l not in out.block_inputs or l not in out.block_outputs]
+        if missing:
+            raise ValueError(
+                f"The variational loss needs pass-2 block inputs/outputs of blocks {missing}; run "
+                "forward with var_loss_weight > 0 or with capture=method.capture_for_loss()."
+            )
+        terms = [
+            F.mse_loss(self.decoders[l].linear(out.block_outputs[l].detach()), out.block_inputs[l].detach())
+            for l in self.feedback_blocks
+        ]
+        return self.config.var_loss_weight * torch.stack(terms).sum()
+
+    def extra_losses(self, output: MethodOutput, labels: Tensor) -> dict[str, Tensor]:
+        if self.config.var_loss_weight <= 0:
+            return {}
+        return {"variational": self.variational_loss(output)}
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["form"] = "official (b_v added twice)" if self.config.official_compat else "paper (W_v td)"
+        info["feedback_blocks"] = [self.feedback_start, self.feedback_stop]
+        info["trainable_share_of_total"] = self.trainable_share_of_total()
+        return info
+
+    def trainable_share_of_total(self) -> float:
+        """Trainable parameters over backbone + this module: the official code's count (~14% / ~0.9%)."""
+        total = sum(p.numel() for p in self.backbone.model.parameters())
+        total += sum(p.numel() for p in self.parameters())
+        return self.trainable_count() / max(total, 1)
+
+
+class ToastLite(Toast):
+    """TOAST-Lite: LoRA (rank 4, alpha 1) on the frozen decoder linears; ξ, P and head trainable."""
+
+    name: ClassVar[str] = "toast_lite"
+    config_cls: ClassVar[type[MethodConfig]] = ToastLiteConfig
+
+    def __init__(self, backbone: Backbone, num_classes: int, config: ToastConfig | None = None):
+        cfg = config if config is not None else ToastLiteConfig()
+        if not cfg.lite:
+            raise ValueError("TOAST-Lite needs a config with lite=True (use ToastLiteConfig).")
+        super().__init__(backbone, num_classes, cfg)
+
+
+def _feedback_range(cfg: ToastConfig, depth: int) -> tuple[int, int]:
+    """[start, stop) of the blocks that receive feedback, checked against the backbone's depth."""
+    stop = depth if cfg.feedback_from is None else int(cfg.feedback_from)
+    start = 0 if cfg.feedback_to is None else int(cfg.feedback_to)
+    if not 1 <= stop <= depth:
+        raise ValueError(f"feedback_from must be in [1, {depth}] (blocks run in pass 1), got {stop}.")
+    if not 0 <= start < depth:
+        raise ValueError(f"feedback_to must be in [0, {depth - 1}], got {start}.")
+    if start >= stop:
+        raise ValueError(
+            f"feedback_to ({start}) must be below feedback_from ({stop}): no block would get feedback."
+        )
+    return start, stop

@@ -1,0 +1,190 @@
+"""Pretrain the embedded default backbone on generated source scenes (multi-label).
+
+`python -m toast_core.pretrain --steps 2200 --out checkpoints/` trains a standard timm
+VisionTransformer sized for a 2-core CPU, saves safetensors + a JSON card, and can resume from its
+own periodic state file if interrupted. Same seed, same weights on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from toast_core.backbone import CHECKPOINT_DIR, build_vit
+from toast_core.data.base import to_model_input
+from toast_core.data.scenes import DATA_VERSION, SOURCE_CLASSES, source_batch
+
+EMBEDDED_CONFIG: dict = {
+    "img_size": 96,
+    "patch_size": 8,
+    "embed_dim": 192,
+    "depth": 6,
+    "num_heads": 3,
+    "mlp_ratio": 4.0,
+    "num_classes": len(SOURCE_CLASSES),
+    "global_pool": "token",
+    "class_token": True,
+    "pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "input_size": [3, 96, 96]},
+}
+
+
+class _SourceBatches(Dataset):
+    """Batch i of the source stream (generated in a worker process, off the training threads)."""
+
+    def __init__(self, seed: int, batch_size: int, steps: int, start: int, size: int):
+        self.seed, self.batch_size, self.steps, self.start, self.size = seed, batch_size, steps, start, size
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __getitem__(self, i: int):
+        images, targets, _ = source_batch(self.seed, "train", (self.start + i) * self.batch_size, self.batch_size, self.size)
+        return images, targets
+
+
+def lr_at(step: int, steps: int, base_lr: float, warmup: int, min_ratio: float = 0.01) -> float:
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Macro mAP over classes that occur at least once (ties broken by order, as sklearn's AP)."""
+    aps = []
+    for c in range(targets.shape[1]):
+        t = targets[:, c]
+        if t.sum() == 0:
+            continue
+        order = torch.argsort(scores[:, c], descending=True)
+        hits = t[order]
+        precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+        aps.append(float((precision * hits).sum() / hits.sum()))
+    return sum(aps) / max(len(aps), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=2200)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
+    ap.add_argument("--state", type=Path, default=Path(".pretrain_state.safetensors"))
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--val-images", type=int, default=512)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model = build_vit(EMBEDDED_CONFIG).to(device)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
+    start, elapsed_before = 0, 0.0
+    if args.state.is_file():
+        saved = load_file(str(args.state))
+        model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
+        opt_state = json.loads(Path(str(args.state) + ".json").read_text())
+        start, elapsed_before = int(opt_state["step"]), float(opt_state["elapsed_s"])
+        for i, group in enumerate(opt.param_groups):
+            for j, p in enumerate(group["params"]):
+                opt.state[p] = {
+                    "step": torch.tensor(float(start)),
+                    "exp_avg": saved[f"opt.{i}.{j}.m"].to(device),
+                    "exp_avg_sq": saved[f"opt.{i}.{j}.v"].to(device),
+                }
+        print(f"resumed at step {start}", flush=True)
+
+    mean, std = EMBEDDED_CONFIG["pretrained_cfg"]["mean"], EMBEDDED_CONFIG["pretrained_cfg"]["std"]
+    loader = DataLoader(
+        _SourceBatches(args.seed, args.batch_size, args.steps, start, EMBEDDED_CONFIG["img_size"]),
+        batch_size=None, num_workers=1, prefetch_factor=4, persistent_workers=False,
+    )
+    t0 = time.time()
+    model.train()
+    for i, (images, targets) in enumerate(loader):
+        step = start + i
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        x = to_model_input(images.to(device), mean, std)
+        loss = F.binary_cross_entropy_with_logits(model(x), targets.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0:
+            spent = elapsed_before + time.time() - t0
+            print(f"step {step}/{args.steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} elapsed {spent / 60:.1f} min", flush=True)
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            _save_state(model, opt, step + 1, elapsed_before + time.time() - t0, args.state)
+    train_seconds = elapsed_before + time.time() - t0
+
+    model.eval()
+    images, targets, _ = source_batch(args.seed, "val", 0, args.val_images, EMBEDDED_CONFIG["img_size"])
+    with torch.no_grad():
+        scores = torch.cat([model(to_model_input(images[i : i + 128].to(device), mean, std)).cpu() for i in range(0, len(images), 128)])
+    val_map = mean_average_precision(scores.sigmoid(), targets)
+    print(f"val mAP {val_map:.4f} on {args.val_images} images; trained {train_seconds / 60:.1f} min", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(args.out / "embedded_vit.safetensors"))
+    card = {
+        "name": "toast-lab/vit-scenes-s8-96",
+        "architecture": "timm VisionTransformer",
+        "config": EMBEDDED_CONFIG,
+        "class_names": list(SOURCE_CLASSES),
+        "data_version": DATA_VERSION,
+        "training": {
+            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+            "warmup": args.warmup, "seed": args.seed, "images_seen": args.steps * args.batch_size,
+            "loss": "multi-label BCE over source classes", "optimizer": "AdamW, warmup + cosine, clip 1.0",
+            "device": str(device), "threads": args.threads, "train_minutes": round(train_seconds / 60, 2),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "torch": torch.__version__,
+        },
+        "quality": {"source_val_map_at_training_end": round(val_map, 4), "val_images": args.val_images},
+        "command": "python -m toast_core.pretrain " + " ".join(argv or []),
+    }
+    (args.out / "embedded_vit.json").write_text(json.dumps(card, indent=2))
+    print("saved", args.out / "embedded_vit.safetensors", flush=True)
+    return 0
+
+
+def _save_state(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, elapsed: float, path: Path) -> None:
+    """Periodic resumable state (safetensors + JSON, written atomically)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for i, group in enumerate(opt.param_groups):
+        for j, p in enumerate(group["params"]):
+            st = opt.state.get(p)
+            if st:
+                tensors[f"opt.{i}.{j}.m"] = st["exp_avg"].detach().cpu().contiguous()
+                tensors[f"opt.{i}.{j}.v"] = st["exp_avg_sq"].detach().cpu().contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    meta = Path(str(path) + ".json")
+    meta.with_suffix(".tmp").write_text(json.dumps({"step": step, "elapsed_s": elapsed}))
+    meta.with_suffix(".tmp").replace(meta)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,499 @@
+"""The one training loop for every steering method: plain PyTorch, seeded, cancellable.
+
+Every method trains the same way (warmup + cosine, AdamW or SGD, clipping, CUDA-only mixed
+precision), so comparisons between methods measure the methods, not their loops. Data comes either
+as an in-memory `LabeledImages` (seeded epoch-wise permutation) or as a callable batch source for
+streaming data. Integer targets use cross-entropy, float multi-hot targets BCE-with-logits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from toast_core.data.base import LabeledImages, to_model_input
+from toast_core.device import pick_device
+from toast_core.forward import Capture
+from toast_core.methods.base import MethodOutput, SteeringMethod
+
+#: (step, batch_size, generator) -> (uint8 images (B, 3, H, W), targets (B,) long or (B, C) float)
+BatchSource = Callable[[int, int, torch.Generator], tuple[Tensor, Tensor]]
+
+OPTIMIZERS = ("adamw", "sgd")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. `min_lr` is a ratio of `lr` reached at the end of the cosine; `eval_every` /
+    `snapshot_every` = 0 means only at the end / never. `amp`: auto = bf16 (or fp16) on CUDA, off
+    elsewhere. Weight decay applies to tensors with >= 2 dims (weights, prompts), not to biases/norms."""
+
+    steps: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    eval_every: int = 0
+    snapshot_every: int = 0
+    eval_batch_size: int = 64
+    device: str = "auto"
+    amp: str = "auto"
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("steps must be >= 0 and batch sizes >= 1.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}.")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}; got {self.amp!r}.")
+        if not 0.0 <= self.min_lr <= 1.0:
+            raise ValueError(f"min_lr is a ratio of lr in [0, 1]; got {self.min_lr}.")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.eval_every < 0 or self.snapshot_every < 0:
+            raise ValueError("lr must be > 0; warmup_steps, eval_every, snapshot_every must be >= 0.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainCallback(Protocol):
+    """Anything with some of these methods can listen to a run (missing ones are skipped)."""
+
+    def on_step(self, step: int, total: int, metrics: dict[str, float]) -> None: ...
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_snapshot(self, step: int, attention: np.ndarray) -> None: ...
+
+
+@dataclass
+class Callbacks:
+    """A ready-made callback holder: pass plain functions for the events you care about."""
+
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None
+    on_eval: Callable[[int, dict[str, float]], None] | None = None
+    on_snapshot: Callable[[int, np.ndarray], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. `memory["kind"]` says what `peak_mb` measures (CUDA allocator peak or
+    CPU process-RSS growth)."""
+
+    history: list[dict[str, float]]
+    final: dict[str, float]
+    timings: dict[str, float]
+    memory: dict[str, Any]
+    cancelled: bool
+    steps_done: int
+    device: str
+    amp: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- small shared helpers -------------------------------------------------------------------------
+def method_device(method: SteeringMethod) -> torch.device:
+    """Where the method's own tensors live (its head always exists)."""
+    return method.head.weight.device
+
+
+def prepare_batch(method: SteeringMethod, images: Tensor) -> Tensor:
+    """uint8 (B, 3, H, W) -> the normalised, resized float input this method's backbone expects."""
+    layout = method.layout
+    images = images.to(method_device(method), non_blocking=True)
+    return to_model_input(images, layout.mean, layout.std, layout.img_size)
+
+
+def _is_multilabel(targets: Tensor) -> bool:
+    return targets.is_floating_point() and targets.ndim == 2
+
+
+def task_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy for class indices, BCE-with-logits for float multi-hot targets."""
+    logits = logits.float()
+    if _is_multilabel(targets):
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    return F.cross_entropy(logits, targets.long())
+
+
+def correct_count(logits: Tensor, targets: Tensor) -> int:
+    """Top-1 hits; for multi-hot targets a hit is a top-1 class that is one of the positives."""
+    pred = logits.argmax(dim=-1)
+    if _is_multilabel(targets):
+        return int((targets.gather(1, pred[:, None]).squeeze(1) > 0.5).sum())
+    return int((pred == targets.long()).sum())
+
+
+def cls_attention_grid(method: SteeringMethod, images: Tensor) -> Tensor:
+    """Last-layer CLS attention, head mean, over the patch tokens only, as (B, gh, gw) on the CPU.
+
+    Computed through the method's own steered forward (prompts and deltas included), in eval mode.
+    """
+    was_training = method.training
+    method.eval()
+    try:
+        with torch.no_grad():
+            out = method(prepare_batch(method, images), Capture(cls_attn=[-1])).out
+    finally:
+        method.train(was_training)
+    row = out.cls_attn[max(out.cls_attn)].float().mean(dim=1)  # (B, N)
+    gh, gw = out.grid
+    return row[:, out.patch_start : out.patch_start + gh * gw].reshape(-1, gh, gw).cpu()
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine down to `min_lr · lr` at the last step (step is 0-based)."""
+    if config.warmup_steps > 0 and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps - 1)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    ratio = config.min_lr + (1.0 - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * ratio
+
+
+def build_optimizer(method: SteeringMethod, config: TrainConfig) -> torch.optim.Optimizer:
+    params = method.trainable_parameters()
+    if not params:
+        raise ValueError(f"Method '{method.name}' has no trainable parameters.")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _resolve_device(method: SteeringMethod, requested: str | torch.device | None) -> torch.device:
+    """The method runs where its shared backbone lives; a different explicit request is refused."""
+    here = method_device(method)
+    if requested is None or str(requested) == "auto":
+        return here
+    want = pick_device(str(requested))
+    if want.type != here.type or (want.index is not None and want.index != here.index):
+        raise ValueError(
+            f"The method and its shared backbone live on {here}, but device {requested!r} was asked "
+            "for; load the backbone on that device instead."
+        )
+    return here
+
+
+def _resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    if mode == "off":
+        return None
+    if device.type != "cuda":
+        if mode == "auto":
+            return None
+        raise ValueError(f"Mixed precision ({mode}) is CUDA only; the run is on {device}.")
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _EpochSampler:
+    """Index batches from seeded epoch-wise permutations (every item once per epoch)."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        if n < 1:
+            raise ValueError("The training set is empty.")
+        self.n, self.generator = n, generator
+        self.order = torch.randperm(n, generator=generator)
+        self.pos = 0
+
+    def next(self, batch: int) -> Tensor:
+        taken: list[Tensor] = []
+        need = batch
+        while need > 0:
+            if self.pos >= self.n:
+                self.order = torch.randperm(self.n, generator=self.generator)
+                self.pos = 0
+            chunk = self.order[self.pos : self.pos + need]
+            self.pos += len(chunk)
+            need -= len(chunk)
+            taken.append(chunk)
+        return torch.cat(taken)
+
+
+def _emit(callbacks: Sequence[Any], event: str, *args: Any) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, event, None)
+        if fn is not None:
+            fn(*args)
+
+
+# --- evaluation and prediction --------------------------------------------------------------------
+def evaluate(
+    method: SteeringMethod,
+    data: LabeledImages,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    *,
+    cancel: threading.Event | None = None,
+) -> dict[str, float]:
+    """Accuracy and mean task loss over `data` in eval mode: {"acc", "loss", "n"}."""
+    _resolve_device(method, device)
+    was_training = method.training
+    method.eval()
+    total_loss, correct, n = 0.0, 0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                if cancel is not None and cancel.is_set():
+                    break
+                images = data.images[start : start + batch_size]
+                targets = data.labels[start : start + batch_size].to(method_device(method))
+                logits = method(prepare_batch(method, images)).logits
+                total_loss += float(task_loss(logits, targets)) * len(images)
+                correct += correct_count(logits, targets)
+                n += len(images)
+    finally:
+        method.train(was_training)
+    return {"acc": correct / max(n, 1), "loss": total_loss / max(n, 1), "n": n}
+
+
+def predict(
+    method: SteeringMethod, images: Tensor, batch_size: int = 64, *, multilabel: bool = False
+) -> Tensor:
+    """Class probabilities (softmax; sigmoid with `multilabel`) for uint8 images, on the CPU."""
+    was_training = method.training
+    method.eval()
+    outs = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                batch = prepare_batch(method, images[start : start + batch_size])
+                logits = method(batch).logits.float()
+                outs.append((logits.sigmoid() if multilabel else logits.softmax(dim=-1)).cpu())
+    finally:
+        method.train(was_training)
+    return torch.cat(outs) if outs else torch.empty(0, method.num_classes)
+
+
+# --- training -------------------------------------------------------------------------------------
+def train(
+    method: SteeringMethod,
+    train_data: LabeledImages | BatchSource,
+    val_data: LabeledImages | None = None,
+    config: TrainConfig | None = None,
+    *,
+    callbacks: Any | Sequence[Any] | None = None,
+    probe_image: Tensor | None = None,
+    cancel: threading.Event | None = None,
+) -> TrainResult:
+    """Train `method` in place and return its history, final metrics, timings and memory peak.
+
+    `probe_image` (uint8 (3, H, W)) enables attention snapshots every `snapshot_every` steps (and at
+    step 0). `cancel` is checked before every step, so a run stops within one step of it being set.
+    """
+    config = config or TrainConfig()
+    if callbacks is None:
+        cbs: list[Any] = []
+    else:
+        cbs = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    device = _resolve_device(method, config.device)
+    amp_dtype = _resolve_amp(config.amp, device)
+    amp_name = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    old_threads = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        return _run(
+            method, train_data, val_data, config, cbs, probe_image, cancel, device, amp_dtype, amp_name
+        )
+    finally:
+        if config.num_threads:
+            torch.set_num_threads(old_threads)
+
+
+def _run(
+    method: SteeringMethod,
+    train_data: LabeledImages | BatchSource,
+    val_data: LabeledImages | None,
+    config: TrainConfig,
+    cbs: list[Any],
+    probe_image: Tensor | None,
+    cancel: threading.Event | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    amp_name: str,
+) -> TrainResult:
+    torch.manual_seed(config.seed)  # dropout, random prompt locations
+    generator = torch.Generator().manual_seed(config.seed)  # batch order
+    sampler = _EpochSampler(len(train_data), generator) if isinstance(train_data, LabeledImages) else None
+    optimizer = build_optimizer(method, config)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    capture = method.capture_for_loss()
+    params = method.trainable_parameters()
+    is_cuda = device.type == "cuda"
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        mem_start = torch.cuda.memory_allocated(device)
+    rss_start = rss_peak = _rss_bytes()
+
+    def sync() -> None:
+        if is_cuda:
+            torch.cuda.synchronize(device)
+
+    def snapshot(step: int) -> None:
+        if probe_image is None or config.snapshot_every <= 0:
+            return
+        grid = cls_attention_grid(method, probe_image.unsqueeze(0))[0].numpy().astype(np.float32)
+        _emit(cbs, "on_snapshot", step, grid)
+
+    def run_eval(step: int, entry: dict[str, float] | None) -> dict[str, float]:
+        metrics = evaluate(method, val_data, config.eval_batch_size, cancel=cancel)  # type: ignore[arg-type]
+        val = {"val_acc": metrics["acc"], "val_loss": metrics["loss"]}
+        if entry is not None:
+            entry.update(val)
+        _emit(cbs, "on_eval", step, {"step": step, **val})
+        return val
+
+    history: list[dict[str, float]] = []
+    step_times: list[float] = []
+    step_images: list[int] = []
+    cancelled = False
+    t_start = time.perf_counter()
+    snapshot(0)
+    method.train()
+    for step in range(config.steps):
+        if cancel is not None and cancel.is_set():
+            cancelled = True
+            break
+        if sampler is not None:
+            idx = sampler.next(config.batch_size)
+            images, targets = train_data.images[idx], train_data.labels[idx]  # type: ignore[union-attr]
+        else:
+            images, targets = train_data(step, config.batch_size, generator)  # type: ignore[operator]
+        targets = targets.to(device)
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        sync()
+        t0 = time.perf_counter()
+        x = prepare_batch(method, images)
+        autocast = torch.autocast(
+            device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        )
+        with autocast:
+            output: MethodOutput = method(x, capture)
+            loss_task = task_loss(output.logits, targets)
+            extras = method.extra_losses(output, targets)
+        loss = loss_task + sum((v.float() for v in extras.values()), torch.zeros((), device=device))
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        sync()
+        step_times.append(time.perf_counter() - t0)
+        step_images.append(len(images))
+        if not is_cuda:
+            rss_peak = max(rss_peak, _rss_bytes())
+
+        entry: dict[str, float] = {
+            "step": step + 1,
+            "loss": float(loss.detach()),
+            "task_loss": float(loss_task.detach()),
+            "lr": lr,
+            "train_acc": correct_count(output.logits.detach(), targets) / len(images),
+        }
+        entry.update({name: float(v.detach()) for name, v in extras.items()})
+        history.append(entry)
+        _emit(cbs, "on_step", step + 1, config.steps, dict(entry))
+        if val_data is not None and config.eval_every > 0 and (step + 1) % config.eval_every == 0:
+            run_eval(step + 1, entry)
+        if config.snapshot_every > 0 and (step + 1) % config.snapshot_every == 0:
+            snapshot(step + 1)
+
+    steps_done = len(history)
+    final: dict[str, float] = {}
+    if history:
+        tail = history[-min(10, len(history)) :]
+        final["train_loss"] = float(np.mean([h["loss"] for h in tail]))
+        final["train_acc"] = float(np.mean([h["train_acc"] for h in tail]))
+    t_eval = time.perf_counter()
+    if val_data is not None and not cancelled:
+        if history and "val_acc" in history[-1]:
+            final.update({k: history[-1][k] for k in ("val_acc", "val_loss")})
+        else:
+            final.update(run_eval(steps_done, history[-1] if history else None))
+    eval_s = time.perf_counter() - t_eval
+    method.eval()
+
+    # the first step pays one-off costs (allocator, kernels); leave it out when there are others
+    skip = 1 if len(step_times) > 1 else 0
+    timed_s, timed_imgs = sum(step_times[skip:]), sum(step_images[skip:])
+    per_img = timed_s / timed_imgs * 1000.0 if timed_imgs else float("nan")
+    timings = {
+        "train_ms_per_img": per_img,
+        "train_s": float(sum(step_times)),
+        "final_eval_s": eval_s,
+        "total_s": time.perf_counter() - t_start,
+        "images_seen": float(sum(step_images)),
+    }
+    if is_cuda:
+        memory = {
+            "kind": "cuda_max_memory_allocated",
+            "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "start_mb": mem_start / 2**20,
+        }
+    else:
+        memory = {
+            "kind": "cpu_rss_delta",
+            "peak_mb": (rss_peak - rss_start) / 2**20,
+            "start_mb": rss_start / 2**20,
+        }
+    return TrainResult(
+        history=history,
+        final=final,
+        timings=timings,
+        memory=memory,
+        cancelled=cancelled,
+        steps_done=steps_done,
+        device=str(device),
+        amp=amp_name,
+        config=config.to_dict(),
+    )
