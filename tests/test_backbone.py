@@ -273,11 +273,18 @@ def _assert_offline_message(msg: str, name: str) -> None:
     assert "embedded" in msg and "local weights file" in msg
 
 
-@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9", "https://10.255.255.1"])
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://127.0.0.1:9",  # connection refused
+        "https://10.255.255.1",  # black-holed (times out), or a proxy with the wrong certificate
+        "http://10.255.255.1",  # black-holed, or a proxy / captive portal that answers but is no hub
+    ],
+)
 def test_hub_unreachable_fails_fast(
     endpoint: str, empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The real TCP probe, against a refused port and a black-holed address (no network needed)."""
+    """The real probe (no network needed): anything but an answer from the hub API fails in seconds."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -398,3 +405,41 @@ def test_embedded_backbone_loads(fixture_backbone: Backbone) -> None:
     assert not bk.model.training and not any(p.requires_grad for p in bk.model.parameters())
     assert bk.weights_hash != fixture_backbone.weights_hash and bk.name != fixture_backbone.name
     assert bk.weights_hash == load_backbone(device="cpu").weights_hash
+
+
+@pytest.fixture
+def local_hub(monkeypatch: pytest.MonkeyPatch):
+    """A local HTTP server standing in for the hub API: 200 for one known repo, 404 otherwise."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            ok = self.path == "/api/models/timm/known"
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_probe_needs_a_real_answer(local_hub: None) -> None:
+    assert bb._hub_reachable(repo_id="timm/known")
+    assert not bb._hub_reachable(repo_id="timm/unknown")
+
+
+def test_hub_repo_id_for_timm_names() -> None:
+    assert bb._hub_repo_id(ARCH) == "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"

@@ -11,7 +11,7 @@ import json
 import os
 import pickle
 import re
-import socket
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,33 +214,43 @@ def load_embedded(
     return _wrap(model, card.get("name", EMBEDDED_NAME), "embedded", device, card, names)
 
 
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """A quick TCP probe so that an offline machine fails in seconds instead of retrying for minutes."""
+def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S, repo_id: str | None = None) -> bool:
+    """One short HTTP request, so an offline machine fails in seconds instead of retrying for minutes.
+
+    A TCP connect is not enough: proxies and captive portals accept any connection and then stall
+    the download, so only a successful answer from the hub's API counts as reachable.
+    """
     from huggingface_hub import constants
 
     if getattr(constants, "HF_HUB_OFFLINE", False):
         return False
-    parsed = urlparse(constants.ENDPOINT)
-    host = parsed.hostname or ""
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
+    endpoint = str(constants.ENDPOINT).rstrip("/")
+    if urlparse(endpoint).scheme not in ("http", "https"):
         return False
+    url = f"{endpoint}/api/models/{repo_id}" if repo_id else endpoint
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url), timeout=timeout) as resp:
+            return 200 <= int(resp.status) < 400
+    except (OSError, ValueError):  # URLError, HTTPError, timeouts and TLS errors are all OSError
+        return False
+
+
+def _hub_repo_id(model_name: str) -> str | None:
+    """The Hugging Face repo that holds timm's default weights for this name, if it has one."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    return "/".join(hub_id.split("/", 2)[:2]) if hub_id else None
 
 
 def _cached_hub_file(model_name: str) -> str | None:
     """Path of already-downloaded hub weights for this timm name, if any (works offline)."""
-    import timm
     from huggingface_hub import try_to_load_from_cache
 
-    cfg = timm.models.get_pretrained_cfg(model_name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not hub_id:
+    repo_id = _hub_repo_id(model_name)
+    if repo_id is None:
         return None
-    repo = hub_id.split("/", 2)
-    repo_id = "/".join(repo[:2])
     for filename in ("model.safetensors", "pytorch_model.bin"):
         hit = try_to_load_from_cache(repo_id, filename)
         if isinstance(hit, str):
@@ -281,7 +291,7 @@ def load_from_hub(
     kwargs = dict(model_kwargs or {})
     _require_vit(model_name, kwargs)
     cached = _cached_hub_file(model_name)
-    if cached is None and not _hub_reachable():
+    if cached is None and not _hub_reachable(repo_id=_hub_repo_id(model_name)):
         raise BackboneError(
             f"Cannot download '{model_name}': the model hub is not reachable from this machine "
             "(offline). Use the embedded backbone ('embedded'), or load a local weights file for "

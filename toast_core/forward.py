@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -120,6 +121,10 @@ def check_supported(model: nn.Module) -> VisionTransformer:
             raise UnsupportedBackbone(
                 f"Block type {type(blk).__name__} is not supported (only timm's standard pre-norm Block)."
             )
+        if type(blk.attn) is not Attention:
+            raise UnsupportedBackbone(
+                f"Attention type {type(blk.attn).__name__} is not supported (only timm's standard Attention)."
+            )
     return model
 
 
@@ -129,8 +134,7 @@ def embed(model: VisionTransformer, images: Tensor) -> tuple[Tensor, tuple[int, 
     if x.ndim == 4:  # dynamic_img_size keeps NHWC here
         grid = (int(x.shape[1]), int(x.shape[2]))
     else:
-        gh = images.shape[-2] // model.patch_embed.patch_size[0]
-        gw = images.shape[-1] // model.patch_embed.patch_size[1]
+        gh, gw = model.patch_embed.dynamic_feat_size((images.shape[-2], images.shape[-1]))
         grid = (int(gh), int(gw))
     x = model._pos_embed(x)
     x = model.patch_drop(x)
@@ -197,9 +201,9 @@ def _attention(
             out.cls_attn[layer] = weights[:, :, 0] if has_cls else weights.mean(dim=2)
         if override is not None:
             weights = override.to(weights.dtype)
-        o = weights @ v
+        o = attn.attn_drop(weights) @ v
     else:
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
         if want_row:
             row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             out.cls_attn[layer] = row[:, :, 0]
@@ -207,7 +211,7 @@ def _attention(
     o = getattr(attn, "norm", nn.Identity())(o)
     if gate is not None:
         o = o * gate
-    return _linear(attn.proj, o, steer, layer, "proj")
+    return attn.proj_drop(_linear(attn.proj, o, steer, layer, "proj"))
 
 
 def _mlp(blk: Block, u: Tensor, layer: int, steer: Steer | None) -> Tensor:
@@ -238,6 +242,7 @@ def steered_forward(
     earlier pass) and `images` is ignored. `stop_block` runs blocks [start_block, stop_block) only;
     `tokens` is then the final norm applied to that intermediate stream.
     """
+    check_supported(model)
     depth = len(model.blocks)
     stop = depth if stop_block is None else stop_block
     if not 0 <= start_block <= stop <= depth:
@@ -297,20 +302,26 @@ def steered_forward(
 
 
 def pool(model: VisionTransformer, out: SteeredOutput) -> Tensor:
-    """Image feature from the final tokens, the model's own way, with prompt tokens excluded."""
+    """Image feature from the final tokens, as timm's pre-logits computes it, with prompts excluded.
+
+    One deliberate difference: for DeiT distilled models timm averages the CLS and distillation
+    tokens; here the feature is the CLS token, as every method's spec reads it.
+    """
     tokens = out.tokens
+    patches = tokens[:, out.patch_start :]
+    if getattr(model, "pool_include_prefix", False):
+        patches = torch.cat([tokens[:, : int(model.num_prefix_tokens)], patches], dim=1)
     pool_type = model.global_pool
     if getattr(model, "attn_pool", None) is not None:
-        feat = model.attn_pool(tokens)
+        feat = model.attn_pool(patches)
     elif pool_type == "token":
         feat = tokens[:, 0]
     elif pool_type == "avg":
-        feat = tokens[:, out.patch_start :].mean(dim=1)
+        feat = patches.mean(dim=1)
     elif pool_type == "max":
-        feat = tokens[:, out.patch_start :].amax(dim=1)
+        feat = patches.amax(dim=1)
     elif pool_type == "avgmax":
-        patches = tokens[:, out.patch_start :]
         feat = 0.5 * (patches.mean(dim=1) + patches.amax(dim=1))
-    else:
+    else:  # no pooling configured: still one vector per image
         feat = tokens[:, 0] if model.cls_token is not None else tokens[:, out.patch_start :].mean(dim=1)
     return model.fc_norm(feat)

@@ -339,6 +339,169 @@ def train(
             torch.set_num_threads(old_threads)
 
 
+class _Loop:
+    """One run's state: optimiser, scaler, sampler, timers and history (the loop in `run`)."""
+
+    def __init__(
+        self,
+        method: SteeringMethod,
+        train_data: LabeledImages | BatchSource,
+        val_data: LabeledImages | None,
+        config: TrainConfig,
+        cbs: list[Any],
+        probe_image: Tensor | None,
+        cancel: threading.Event | None,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+    ):
+        self.method, self.train_data, self.val_data = method, train_data, val_data
+        self.config, self.cbs, self.probe_image, self.cancel = config, cbs, probe_image, cancel
+        self.device, self.amp_dtype = device, amp_dtype
+        self.is_cuda = device.type == "cuda"
+        torch.manual_seed(config.seed)  # dropout, random prompt locations
+        self.generator = torch.Generator().manual_seed(config.seed)  # batch order
+        self.sampler = (
+            _EpochSampler(len(train_data), self.generator) if isinstance(train_data, LabeledImages) else None
+        )
+        self.optimizer = build_optimizer(method, config)
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        self.capture = method.capture_for_loss()
+        self.params = method.trainable_parameters()
+        self.history: list[dict[str, float]] = []
+        self.step_times: list[float] = []
+        self.step_images: list[int] = []
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            self.mem_start = torch.cuda.memory_allocated(device)
+        self.rss_start = self.rss_peak = _rss_bytes()
+
+    def sync(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        if self.sampler is not None:
+            idx = self.sampler.next(self.config.batch_size)
+            data: LabeledImages = self.train_data  # type: ignore[assignment]
+            return data.images[idx], data.labels[idx]
+        return self.train_data(step, self.config.batch_size, self.generator)  # type: ignore[operator]
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimisation step; returns its history entry."""
+        images, targets = self.batch(step)
+        targets = targets.to(self.device)
+        lr = lr_at(step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.sync()
+        t0 = time.perf_counter()
+        x = prepare_batch(self.method, images)
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            output: MethodOutput = self.method(x, self.capture)
+            loss_task = task_loss(output.logits, targets)
+            extras = self.method.extra_losses(output, targets)
+        loss = loss_task + sum((v.float() for v in extras.values()), torch.zeros((), device=self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.sync()
+        self.step_times.append(time.perf_counter() - t0)
+        self.step_images.append(len(images))
+        if not self.is_cuda:
+            self.rss_peak = max(self.rss_peak, _rss_bytes())
+        entry = {
+            "step": step + 1,
+            "loss": float(loss.detach()),
+            "task_loss": float(loss_task.detach()),
+            "lr": lr,
+            "train_acc": correct_count(output.logits.detach(), targets) / len(images),
+        }
+        entry.update({name: float(v.detach()) for name, v in extras.items()})
+        return entry
+
+    def snapshot(self, step: int) -> None:
+        if self.probe_image is None or self.config.snapshot_every <= 0:
+            return
+        grid = cls_attention_grid(self.method, self.probe_image.unsqueeze(0))[0]
+        _emit(self.cbs, "on_snapshot", step, grid.numpy().astype(np.float32))
+
+    def evaluate(self, step: int, entry: dict[str, float] | None) -> dict[str, float]:
+        metrics = evaluate(self.method, self.val_data, self.config.eval_batch_size, cancel=self.cancel)  # type: ignore[arg-type]
+        val = {"val_acc": metrics["acc"], "val_loss": metrics["loss"]}
+        if entry is not None:
+            entry.update(val)
+        _emit(self.cbs, "on_eval", step, {"step": step, **val})
+        return val
+
+    def run(self) -> tuple[bool, float]:
+        """All steps (until cancelled), with periodic eval and snapshots; returns (cancelled, final eval s)."""
+        cfg = self.config
+        self.snapshot(0)
+        self.method.train()
+        cancelled = False
+        for step in range(cfg.steps):
+            if self.cancel is not None and self.cancel.is_set():
+                cancelled = True
+                break
+            entry = self.step(step)
+            self.history.append(entry)
+            _emit(self.cbs, "on_step", step + 1, cfg.steps, dict(entry))
+            if self.val_data is not None and cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0:
+                self.evaluate(step + 1, entry)
+            if cfg.snapshot_every > 0 and (step + 1) % cfg.snapshot_every == 0:
+                self.snapshot(step + 1)
+        t_eval = time.perf_counter()
+        if self.val_data is not None and not cancelled and "val_acc" not in (self.history or [{}])[-1]:
+            self.evaluate(len(self.history), self.history[-1] if self.history else None)
+        self.method.eval()
+        return cancelled, time.perf_counter() - t_eval
+
+    def final(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.history:
+            tail = self.history[-min(10, len(self.history)) :]
+            out["train_loss"] = float(np.mean([h["loss"] for h in tail]))
+            out["train_acc"] = float(np.mean([h["train_acc"] for h in tail]))
+            out.update({k: self.history[-1][k] for k in ("val_acc", "val_loss") if k in self.history[-1]})
+        return out
+
+    def timings(self, eval_s: float, total_s: float) -> dict[str, float]:
+        # the first step pays one-off costs (allocator, kernels); leave it out when there are others
+        skip = 1 if len(self.step_times) > 1 else 0
+        timed_s, timed_imgs = sum(self.step_times[skip:]), sum(self.step_images[skip:])
+        return {
+            "train_ms_per_img": timed_s / timed_imgs * 1000.0 if timed_imgs else float("nan"),
+            "train_s": float(sum(self.step_times)),
+            "final_eval_s": eval_s,
+            "total_s": total_s,
+            "images_seen": float(sum(self.step_images)),
+        }
+
+    def memory(self) -> dict[str, Any]:
+        if self.is_cuda:
+            return {
+                "kind": "cuda_max_memory_allocated",
+                "peak_mb": torch.cuda.max_memory_allocated(self.device) / 2**20,
+                "start_mb": self.mem_start / 2**20,
+            }
+        return {
+            "kind": "cpu_rss_delta",
+            "peak_mb": (self.rss_peak - self.rss_start) / 2**20,
+            "start_mb": self.rss_start / 2**20,
+        }
+
+
 def _run(
     method: SteeringMethod,
     train_data: LabeledImages | BatchSource,
@@ -351,148 +514,16 @@ def _run(
     amp_dtype: torch.dtype | None,
     amp_name: str,
 ) -> TrainResult:
-    torch.manual_seed(config.seed)  # dropout, random prompt locations
-    generator = torch.Generator().manual_seed(config.seed)  # batch order
-    sampler = _EpochSampler(len(train_data), generator) if isinstance(train_data, LabeledImages) else None
-    optimizer = build_optimizer(method, config)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    capture = method.capture_for_loss()
-    params = method.trainable_parameters()
-    is_cuda = device.type == "cuda"
-    if is_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        mem_start = torch.cuda.memory_allocated(device)
-    rss_start = rss_peak = _rss_bytes()
-
-    def sync() -> None:
-        if is_cuda:
-            torch.cuda.synchronize(device)
-
-    def snapshot(step: int) -> None:
-        if probe_image is None or config.snapshot_every <= 0:
-            return
-        grid = cls_attention_grid(method, probe_image.unsqueeze(0))[0].numpy().astype(np.float32)
-        _emit(cbs, "on_snapshot", step, grid)
-
-    def run_eval(step: int, entry: dict[str, float] | None) -> dict[str, float]:
-        metrics = evaluate(method, val_data, config.eval_batch_size, cancel=cancel)  # type: ignore[arg-type]
-        val = {"val_acc": metrics["acc"], "val_loss": metrics["loss"]}
-        if entry is not None:
-            entry.update(val)
-        _emit(cbs, "on_eval", step, {"step": step, **val})
-        return val
-
-    history: list[dict[str, float]] = []
-    step_times: list[float] = []
-    step_images: list[int] = []
-    cancelled = False
     t_start = time.perf_counter()
-    snapshot(0)
-    method.train()
-    for step in range(config.steps):
-        if cancel is not None and cancel.is_set():
-            cancelled = True
-            break
-        if sampler is not None:
-            idx = sampler.next(config.batch_size)
-            images, targets = train_data.images[idx], train_data.labels[idx]  # type: ignore[union-attr]
-        else:
-            images, targets = train_data(step, config.batch_size, generator)  # type: ignore[operator]
-        targets = targets.to(device)
-        lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        sync()
-        t0 = time.perf_counter()
-        x = prepare_batch(method, images)
-        autocast = torch.autocast(
-            device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        )
-        with autocast:
-            output: MethodOutput = method(x, capture)
-            loss_task = task_loss(output.logits, targets)
-            extras = method.extra_losses(output, targets)
-        loss = loss_task + sum((v.float() for v in extras.values()), torch.zeros((), device=device))
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        sync()
-        step_times.append(time.perf_counter() - t0)
-        step_images.append(len(images))
-        if not is_cuda:
-            rss_peak = max(rss_peak, _rss_bytes())
-
-        entry: dict[str, float] = {
-            "step": step + 1,
-            "loss": float(loss.detach()),
-            "task_loss": float(loss_task.detach()),
-            "lr": lr,
-            "train_acc": correct_count(output.logits.detach(), targets) / len(images),
-        }
-        entry.update({name: float(v.detach()) for name, v in extras.items()})
-        history.append(entry)
-        _emit(cbs, "on_step", step + 1, config.steps, dict(entry))
-        if val_data is not None and config.eval_every > 0 and (step + 1) % config.eval_every == 0:
-            run_eval(step + 1, entry)
-        if config.snapshot_every > 0 and (step + 1) % config.snapshot_every == 0:
-            snapshot(step + 1)
-
-    steps_done = len(history)
-    final: dict[str, float] = {}
-    if history:
-        tail = history[-min(10, len(history)) :]
-        final["train_loss"] = float(np.mean([h["loss"] for h in tail]))
-        final["train_acc"] = float(np.mean([h["train_acc"] for h in tail]))
-    t_eval = time.perf_counter()
-    if val_data is not None and not cancelled:
-        if history and "val_acc" in history[-1]:
-            final.update({k: history[-1][k] for k in ("val_acc", "val_loss")})
-        else:
-            final.update(run_eval(steps_done, history[-1] if history else None))
-    eval_s = time.perf_counter() - t_eval
-    method.eval()
-
-    # the first step pays one-off costs (allocator, kernels); leave it out when there are others
-    skip = 1 if len(step_times) > 1 else 0
-    timed_s, timed_imgs = sum(step_times[skip:]), sum(step_images[skip:])
-    per_img = timed_s / timed_imgs * 1000.0 if timed_imgs else float("nan")
-    timings = {
-        "train_ms_per_img": per_img,
-        "train_s": float(sum(step_times)),
-        "final_eval_s": eval_s,
-        "total_s": time.perf_counter() - t_start,
-        "images_seen": float(sum(step_images)),
-    }
-    if is_cuda:
-        memory = {
-            "kind": "cuda_max_memory_allocated",
-            "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-            "start_mb": mem_start / 2**20,
-        }
-    else:
-        memory = {
-            "kind": "cpu_rss_delta",
-            "peak_mb": (rss_peak - rss_start) / 2**20,
-            "start_mb": rss_start / 2**20,
-        }
+    loop = _Loop(method, train_data, val_data, config, cbs, probe_image, cancel, device, amp_dtype)
+    cancelled, eval_s = loop.run()
     return TrainResult(
-        history=history,
-        final=final,
-        timings=timings,
-        memory=memory,
+        history=loop.history,
+        final=loop.final(),
+        timings=loop.timings(eval_s, time.perf_counter() - t_start),
+        memory=loop.memory(),
         cancelled=cancelled,
-        steps_done=steps_done,
+        steps_done=len(loop.history),
         device=str(device),
         amp=amp_name,
         config=config.to_dict(),

@@ -147,9 +147,8 @@ class LoRA(SteeringMethod):
             info["lora_form"] = "fused qkv: one shared update for q, k and v (peft on timm's qkv)"
         else:
             untouched = [s for s in SLICES if s not in self.config.targets]
-            info["lora_form"] = (
-                f"paper: separate updates for {', '.join(t for t in self.config.targets)}"
-                + (f"; W_{'/W_'.join(untouched)} untouched" if untouched else "")
+            info["lora_form"] = f"paper: separate updates for {', '.join(t for t in self.config.targets)}" + (
+                f"; W_{'/W_'.join(untouched)} untouched" if untouched else ""
             )
         info["lora_scale"] = self.scale
         return info

@@ -75,6 +75,16 @@ class ToastConfig(MethodConfig):
     #: λ of the variational loss (0 in tuning, 0.1 in pre-tuning)
     var_loss_weight: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}.")
+        if self.var_loss_weight < 0:
+            raise ValueError(f"var_loss_weight must be >= 0, got {self.var_loss_weight}.")
+        for name in ("feedback_from", "feedback_to"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 0:
+                raise ValueError(f"{name} must be a block index >= 0 (or None), got {value}.")
+
 
 @dataclass
 class ToastLiteConfig(ToastConfig):

@@ -1,0 +1,114 @@
+"""Measure the embedded backbone's quality, the numbers its card reports.
+
+`python -m toast_core.eval_backbone [--write-card]` prints source-task validation mAP, how much of
+the last-layer CLS attention falls on objects compared with their area, and a linear probe per
+downstream task (50 training images per class) with its focus on the deciding object. Its last line
+is `RESULT map=… focus_ratio=… probe_acc_min=…`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from toast_core.backbone import EMBEDDED_CARD, Backbone, load_backbone
+from toast_core.data.base import to_model_input
+from toast_core.data.scenes import TASKS, make_task_split, source_batch
+from toast_core.forward import Capture, steered_forward
+from toast_core.pretrain import mean_average_precision
+
+
+def _last_layer_cls_map(backbone: Backbone, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """Head-mean CLS attention of the last block over patch tokens, (N, gh, gw)."""
+    layout, maps = backbone.layout, []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = to_model_input(images[i : i + batch].to(backbone.device), layout.mean, layout.std, layout.img_size)
+            out = steered_forward(backbone.model, x, capture=Capture(cls_attn=[-1]))
+            row = out.cls_attn[layout.depth - 1].mean(dim=1)[:, out.patch_start :]
+            maps.append(row.reshape(-1, *out.grid).cpu())
+    return torch.cat(maps)
+
+
+def mask_to_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Pixel masks (N, H, W) -> fraction of each patch covered, (N, gh, gw)."""
+    return torch.nn.functional.adaptive_avg_pool2d(masks.float()[:, None], grid)[:, 0]
+
+
+def focus_stats(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """Mean attention share on the mask, mean area share, and their ratio."""
+    frac = mask_to_grid(masks, tuple(maps.shape[-2:]))
+    share = (maps * frac).flatten(1).sum(1) / maps.flatten(1).sum(1).clamp_min(1e-12)
+    area = frac.flatten(1).mean(1)
+    return {"focus_share": float(share.mean()), "area_share": float(area.mean()), "focus_ratio": float(share.mean() / area.mean())}
+
+
+def source_quality(backbone: Backbone, n: int, seed: int) -> dict[str, float]:
+    images, targets, masks = source_batch(seed, "val", 0, n, backbone.layout.img_size[0])
+    layout, scores = backbone.layout, []
+    with torch.no_grad():
+        for i in range(0, n, 128):
+            x = to_model_input(images[i : i + 128].to(backbone.device), layout.mean, layout.std, layout.img_size)
+            scores.append(backbone.model(x).sigmoid().cpu())
+    stats = focus_stats(_last_layer_cls_map(backbone, images), masks)
+    return {"map": mean_average_precision(torch.cat(scores), targets), **stats}
+
+
+def probe_quality(backbone: Backbone, task: str, per_class: int, seed: int, steps: int) -> dict[str, float]:
+    """Linear probe through the project's own method + training loop, then its test accuracy and focus."""
+    from toast_core.methods import build_method
+    from toast_core.train import TrainConfig, evaluate, train
+
+    size = backbone.layout.img_size[0]
+    train_set = make_task_split(task, "train", per_class, seed, size)
+    test_set = make_task_split(task, "test", 30, seed, size)
+    method = build_method("linear", backbone, train_set.num_classes, {"seed": seed})
+    config = TrainConfig(steps=steps, batch_size=64, lr=3e-3, weight_decay=1e-4, warmup_steps=10, seed=seed, eval_every=0)
+    train(method, train_set, None, config)
+    metrics = evaluate(method, test_set, batch_size=128)
+    stats = focus_stats(_last_layer_cls_map(backbone, test_set.images), test_set.masks)
+    return {"probe_acc": float(metrics["acc"]), **stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--val-images", type=int, default=1000)
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--probe-steps", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write-card", action="store_true", help="store the numbers in checkpoints/embedded_vit.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    backbone = load_backbone("embedded", device="cpu")
+    src = source_quality(backbone, args.val_images, args.seed)
+    print(f"source val mAP {src['map']:.4f}; CLS attention on objects {src['focus_share']:.3f} vs area {src['area_share']:.3f} (ratio {src['focus_ratio']:.2f})")
+    probes = {}
+    for task in TASKS:
+        probes[task] = probe_quality(backbone, task, args.per_class, args.seed, args.probe_steps)
+        p = probes[task]
+        print(f"{task}: linear probe test acc {p['probe_acc']:.3f}; focus on deciding object {p['focus_share']:.3f} vs area {p['area_share']:.3f} (ratio {p['focus_ratio']:.2f})")
+    if args.write_card:
+        card = json.loads(EMBEDDED_CARD.read_text())
+        card["quality"] = {
+            "source_val_map": round(src["map"], 4),
+            "source_val_images": args.val_images,
+            "object_focus_share": round(src["focus_share"], 4),
+            "object_area_share": round(src["area_share"], 4),
+            "object_focus_ratio": round(src["focus_ratio"], 3),
+            "linear_probe": {t: {k: round(v, 4) for k, v in p.items()} for t, p in probes.items()},
+            "probe_images_per_class": args.per_class,
+            "command": "python -m toast_core.eval_backbone --write-card",
+        }
+        EMBEDDED_CARD.write_text(json.dumps(card, indent=2))
+    print(f"({(time.time() - t0):.0f} s)")
+    print(f"RESULT map={src['map']:.4f} focus_ratio={src['focus_ratio']:.2f} probe_acc_min={min(p['probe_acc'] for p in probes.values()):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
