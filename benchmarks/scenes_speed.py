@@ -47,11 +47,18 @@ def main() -> None:
 
     batch = 64
     rows = {
-        "source": lambda k: [scenes.source_batch(0, "train", s, min(batch, k - s)) for s in range(0, k, batch)],
+        "source": lambda k: [
+            scenes.source_batch(0, "train", s, min(batch, k - s)) for s in range(0, k, batch)
+        ],
     }
     for task, spec in scenes.TASKS.items():
-        rows[task] = lambda k, task=task, c=len(spec.classes): scenes.make_task_split(task, "train", max(1, k // c))
-    sizes = {"source": n, **{t: max(1, n // len(s.classes)) * len(s.classes) for t, s in scenes.TASKS.items()}}
+        rows[task] = lambda k, task=task, c=len(spec.classes): scenes.make_task_split(
+            task, "train", max(1, k // c)
+        )
+    sizes = {
+        "source": n,
+        **{t: max(1, n // len(s.classes)) * len(s.classes) for t, s in scenes.TASKS.items()},
+    }
 
     results = {}
     print(f"{'generator':<10} {'images':>7} {'img/s (cpu)':>12} {'img/s (wall)':>13}")

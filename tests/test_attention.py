@@ -181,7 +181,9 @@ def test_cls_maps_slice_exactly_the_patch_tokens(kind: str) -> None:
         expected = row[..., start:].reshape(2, -1, gh, gw).numpy()
         np.testing.assert_allclose(maps.maps[:, layer], expected, rtol=1e-6)
     # row-major grid: patch (i, j) is token start + i·gw + j
-    np.testing.assert_allclose(maps.maps[1, -1, 0, 1, gw - 1], out.cls_attn[1][1, 0, before + gw + gw - 1].item(), rtol=1e-6)
+    np.testing.assert_allclose(
+        maps.maps[1, -1, 0, 1, gw - 1], out.cls_attn[1][1, 0, before + gw + gw - 1].item(), rtol=1e-6
+    )
     mean_view = maps.view(-1, "mean")
     assert mean_view.map.shape == (2, gh, gw) and mean_view.layer == method.layout.depth - 1
     np.testing.assert_allclose(mean_view.map, maps.maps[:, -1].mean(1), rtol=1e-6)

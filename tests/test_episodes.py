@@ -57,7 +57,10 @@ def test_deterministic_per_seed_and_varies_across_seeds() -> None:
     a = sample_episode(data, 3, 2, 2, rng_seed=7)
     b = sample_episode(data, 3, 2, 2, rng_seed=7)
     assert a.classes == b.classes and _ids(a.support) == _ids(b.support) and _ids(a.query) == _ids(b.query)
-    draws = {(tuple(e.classes), tuple(_ids(e.support))) for e in (sample_episode(data, 3, 2, 2, s) for s in range(10))}
+    draws = {
+        (tuple(e.classes), tuple(_ids(e.support)))
+        for e in (sample_episode(data, 3, 2, 2, s) for s in range(10))
+    }
     assert len(draws) > 5
 
 

@@ -124,7 +124,8 @@ def test_cls_attention_grid_matches_full_map(fixture_backbone, data):
     with torch.no_grad():
         full = method.eval()(prepare_batch(method, data.images[:2]), Capture(attn=[-1])).out.attn[1]
     expect = full[:, :, 0, 3:].mean(dim=1).reshape(2, 4, 4)
-    torch.testing.assert_close(grid, expect, atol=1e-6, rtol=1e-5)
+    assert isinstance(grid, np.ndarray) and grid.dtype == np.float32
+    torch.testing.assert_close(torch.from_numpy(grid), expect, atol=1e-6, rtol=1e-5)
 
 
 def test_bce_with_multi_hot_targets_from_a_stream(fixture_backbone, data):

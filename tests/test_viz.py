@@ -20,8 +20,13 @@ SQUARE = (slice(28, 47), slice(80, 108))  # inside patch (1, 2): rows 25..50, co
 def _view(maps: np.ndarray, method: str = "m", pred: int = 1, conf: float = 0.75) -> AttentionView:
     b = maps.shape[0]
     return AttentionView(
-        "cls", maps.astype(np.float32), 1, "mean", method,
-        np.full(b, pred, dtype=np.int64), np.full(b, conf, dtype=np.float32),
+        "cls",
+        maps.astype(np.float32),
+        1,
+        "mean",
+        method,
+        np.full(b, pred, dtype=np.int64),
+        np.full(b, conf, dtype=np.float32),
     )
 
 

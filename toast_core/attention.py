@@ -21,14 +21,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from toast_core.forward import Capture, SteeredOutput, pool, resolve_layers, steered_forward
-from toast_core.methods.base import MethodOutput, SteeringMethod
+
+if TYPE_CHECKING:  # importing the method package here would make methods (FORT) unable to import us
+    from toast_core.methods.base import MethodOutput, SteeringMethod
 
 HeadSpec = int | str  # a head index or "mean"
 Region = Any  # a pixel mask (H, W) / (B, H, W) (numpy or torch), or a box (x0, y0, x1, y1)
@@ -225,9 +227,7 @@ def _embed_tokens(a: Tensor, n_total: int, num_prefix: int) -> Tensor:
     n = a.shape[-1]
     if n == n_total:
         return a
-    index = torch.cat(
-        [torch.arange(num_prefix), torch.arange(num_prefix, n) + (n_total - n)]
-    ).to(a.device)
+    index = torch.cat([torch.arange(num_prefix), torch.arange(num_prefix, n) + (n_total - n)]).to(a.device)
     full = torch.eye(n_total, dtype=a.dtype, device=a.device).expand(a.shape[0], -1, -1).clone()
     full[:, index.unsqueeze(1), index.unsqueeze(0)] = a
     return full
@@ -279,7 +279,9 @@ def _rollout_view_from(
     imp = rollout_readout(r, _num_patches(out.grid), has_cls)
     pred, conf = _prediction(mo.logits)
     meta = _meta(out, method, head_agg=head_agg, residual=residual)
-    return AttentionView("rollout", _to_grid(imp, out.grid), None, head_agg, method_label(method), pred, conf, meta)
+    return AttentionView(
+        "rollout", _to_grid(imp, out.grid), None, head_agg, method_label(method), pred, conf, meta
+    )
 
 
 def rollout_view(
@@ -344,22 +346,14 @@ def gradient_rollout_from(
     return result.mean(dim=1).float()
 
 
-def gradient_rollout(
+def _gradient_rollout(
     method: SteeringMethod,
     x: Tensor,
-    target: int | Sequence[int] | Tensor | None = None,
-    lam: float = 1.0,
-    head_agg: str = "mean",
-    keep_top: float = 0.1,
-) -> Tensor:
-    """FORT's patch importance (B, gh, gw), on the method's device, detached.
-
-    One forward captures every post-softmax map and the input of the last block; the gradient of
-    each image's `target` logit (default: its prediction) w.r.t. that input gives G
-    (`fort_gradient_direction`), signed so that Σ G·importance_λ=0 ≥ 0 (the official code leaves the
-    sign arbitrary). Each image uses its own gradient (the official code backprops the batch mean,
-    which scales G by 1/B).
-    """
+    target: int | Sequence[int] | Tensor | None,
+    lam: float,
+    head_agg: str,
+    keep_top: float,
+) -> tuple[Tensor, MethodOutput]:
     depth = _depth(method)
     with _eval_mode(method), torch.enable_grad():
         xg = x.detach().to(_device(method)).requires_grad_(True)
@@ -377,7 +371,26 @@ def gradient_rollout(
     sign = torch.sign((g * (base - base.mean(dim=1, keepdim=True))).sum(dim=1, keepdim=True))
     g = g * torch.where(sign == 0, torch.ones_like(sign), sign)
     imp = gradient_rollout_from(maps, g, lam, head_agg, keep_top)
-    return imp.reshape(imp.shape[0], *out.grid)
+    return imp.reshape(imp.shape[0], *out.grid), mo
+
+
+def gradient_rollout(
+    method: SteeringMethod,
+    x: Tensor,
+    target: int | Sequence[int] | Tensor | None = None,
+    lam: float = 1.0,
+    head_agg: str = "mean",
+    keep_top: float = 0.1,
+) -> Tensor:
+    """FORT's patch importance (B, gh, gw), on the method's device, detached.
+
+    One forward captures every post-softmax map and the input of the last block; the gradient of
+    each image's `target` logit (default: its prediction) w.r.t. that input gives G
+    (`fort_gradient_direction`), signed so that Σ G·importance_λ=0 ≥ 0 (the official code leaves the
+    sign arbitrary). Each image uses its own gradient (the official code backprops the batch mean,
+    which scales G by 1/B). head_agg: "mean" (paper) or "min" (official code).
+    """
+    return _gradient_rollout(method, x, target, lam, head_agg, keep_top)[0]
 
 
 def gradient_rollout_view(
@@ -388,9 +401,8 @@ def gradient_rollout_view(
     head_agg: str = "mean",
     keep_top: float = 0.1,
 ) -> AttentionView:
-    """`gradient_rollout` as a view (prediction read from one extra no-grad forward)."""
-    imp = gradient_rollout(method, x, target, lam, head_agg, keep_top)
-    mo = _run(method, x, Capture())
+    """`gradient_rollout` as a view."""
+    imp, mo = _gradient_rollout(method, x, target, lam, head_agg, keep_top)
     pred, conf = _prediction(mo.logits)
     meta = _meta(mo.out, method, lam=lam, keep_top=keep_top, target=_target_meta(target, pred))
     return AttentionView(
@@ -411,6 +423,8 @@ def _target_meta(target: Any, pred: np.ndarray) -> list[int]:
 def is_single_pass(method: SteeringMethod) -> bool:
     """True when the method uses the base forward (one steered pass → pool → head), which the
     captum wrapper reproduces exactly in two halves."""
+    from toast_core.methods.base import SteeringMethod
+
     return type(method).forward is SteeringMethod.forward
 
 
@@ -456,19 +470,22 @@ def _gradcam_captum(method: SteeringMethod, x: Tensor, targets: Tensor) -> Tenso
     return cam[:, 0].flatten(1)
 
 
-def _gradcam_autograd(method: SteeringMethod, x: Tensor, targets: Tensor) -> Tensor:
+def _gradcam_autograd(
+    method: SteeringMethod, x: Tensor, target: int | Sequence[int] | Tensor | None
+) -> tuple[Tensor, Tensor, MethodOutput]:
     """The same formula as captum's LayerGradCam on the captured last-block input: weights = mean
     over patches of d logit / d token, cam = ReLU(Σ_channels weight · token)."""
     last = _depth(method) - 1
     mo = method(x.detach().requires_grad_(True), capture=Capture(block_inputs=[last]))
     if last not in mo.out.block_inputs:
         raise ViewUnavailable(f"{method_label(method)}'s forward did not return the last block's input.")
+    targets = _targets(target, mo.logits)
     h = mo.out.block_inputs[last]
     (grad,) = torch.autograd.grad(mo.logits.gather(1, targets[:, None]).sum(), h)
     p = _num_patches(mo.out.grid)
     acts, grads = h[:, -p:].detach(), grad[:, -p:]
     weights = grads.mean(dim=1, keepdim=True)  # (B, 1, d)
-    return torch.relu((weights * acts).sum(dim=-1))
+    return torch.relu((weights * acts).sum(dim=-1)), targets, mo
 
 
 def gradcam(
@@ -494,11 +511,15 @@ def gradcam(
     if engine not in ("captum", "autograd"):
         raise ValueError(f"engine must be 'auto', 'captum' or 'autograd', got {engine!r}.")
     x = x.detach().to(_device(method))
-    mo = _run(method, x, Capture())
+    if engine == "captum":
+        mo = _run(method, x, Capture())  # the prediction (and default target) first
+        targets = _targets(target, mo.logits)
+        with _eval_mode(method), torch.enable_grad():
+            cam = _gradcam_captum(method, x, targets)
+    else:
+        with _eval_mode(method), torch.enable_grad():
+            cam, targets, mo = _gradcam_autograd(method, x, target)
     pred, conf = _prediction(mo.logits)
-    targets = _targets(target, mo.logits)
-    with _eval_mode(method), torch.enable_grad():
-        cam = (_gradcam_captum if engine == "captum" else _gradcam_autograd)(method, x, targets)
     meta = _meta(mo.out, method, engine=engine, target=[int(v) for v in targets.cpu()])
     return AttentionView(
         "gradcam", _to_grid(cam, mo.out.grid), depth - 1, None, method_label(method), pred, conf, meta
@@ -526,7 +547,13 @@ def selection_view(method: SteeringMethod, x: Tensor) -> AttentionView:
     start = patch_start(m.shape[-1], ref)
     pred, conf = _prediction(mo.logits)
     return AttentionView(
-        "selection", _to_grid(m[:, start:], ref.grid), None, None, method_label(method), pred, conf,
+        "selection",
+        _to_grid(m[:, start:], ref.grid),
+        None,
+        None,
+        method_label(method),
+        pred,
+        conf,
         _meta(ref, method),
     )
 
@@ -547,8 +574,16 @@ def toast_pass_views(
         with torch.no_grad():
             first = steered_forward(method.vit, x.to(_device(method)), capture=Capture(cls_attn=[idx]))
     p1 = _cls_maps_from(first.cls_attn, [idx], mo, method).view(idx, head)
-    p1 = AttentionView("toast_pass1", p1.map, idx, head, p1.method, pred, conf,
-                       {**p1.meta, "recomputed_unsteered": recomputed})
+    p1 = AttentionView(
+        "toast_pass1",
+        p1.map,
+        idx,
+        head,
+        p1.method,
+        pred,
+        conf,
+        {**p1.meta, "recomputed_unsteered": recomputed},
+    )
     p2 = AttentionView("toast_pass2", second.map, idx, head, second.method, pred, conf, second.meta)
     return p1, p2
 
@@ -599,8 +634,14 @@ def difference_view(a: AttentionView, b: AttentionView, normalise: bool = True) 
 
     meta = {"a": a.method, "b": b.method, "normalised": normalise, "grid": a.grid}
     return AttentionView(
-        f"{a.name}_diff", (unit(a.map) - unit(b.map)).astype(np.float32), a.layer, a.head,
-        f"{a.method} − {b.method}", a.pred, a.conf, meta,
+        f"{a.name}_diff",
+        (unit(a.map) - unit(b.map)).astype(np.float32),
+        a.layer,
+        a.head,
+        f"{a.method} − {b.method}",
+        a.pred,
+        a.conf,
+        meta,
     )
 
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from toast_core.attention import cls_view
 from toast_core.data.base import LabeledImages, to_model_input
 from toast_core.device import pick_device
-from toast_core.forward import Capture
 from toast_core.methods.base import MethodOutput, SteeringMethod
 
 #: (step, batch_size, generator) -> (uint8 images (B, 3, H, W), targets (B,) long or (B, C) float)
@@ -144,21 +144,13 @@ def correct_count(logits: Tensor, targets: Tensor) -> int:
     return int((pred == targets.long()).sum())
 
 
-def cls_attention_grid(method: SteeringMethod, images: Tensor) -> Tensor:
-    """Last-layer CLS attention, head mean, over the patch tokens only, as (B, gh, gw) on the CPU.
+def cls_attention_grid(method: SteeringMethod, images: Tensor) -> np.ndarray:
+    """Last-layer CLS attention, head mean, over the patch tokens, (B, gh, gw) float32, for uint8 images.
 
-    Computed through the method's own steered forward (prompts and deltas included), in eval mode.
+    The app's own CLS view (`attention.cls_view`: the method's steered forward with
+    `Capture(cls_attn=[-1])`, in eval mode, prompts excluded), so snapshots match what pages show.
     """
-    was_training = method.training
-    method.eval()
-    try:
-        with torch.no_grad():
-            out = method(prepare_batch(method, images), Capture(cls_attn=[-1])).out
-    finally:
-        method.train(was_training)
-    row = out.cls_attn[max(out.cls_attn)].float().mean(dim=1)  # (B, N)
-    gh, gw = out.grid
-    return row[:, out.patch_start : out.patch_start + gh * gw].reshape(-1, gh, gw).cpu()
+    return cls_view(method, prepare_batch(method, images), layer=-1, head="mean").map
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -434,7 +426,7 @@ class _Loop:
         if self.probe_image is None or self.config.snapshot_every <= 0:
             return
         grid = cls_attention_grid(self.method, self.probe_image.unsqueeze(0))[0]
-        _emit(self.cbs, "on_snapshot", step, grid.numpy().astype(np.float32))
+        _emit(self.cbs, "on_snapshot", step, grid)
 
     def evaluate(self, step: int, entry: dict[str, float] | None) -> dict[str, float]:
         metrics = evaluate(self.method, self.val_data, self.config.eval_batch_size, cancel=self.cancel)  # type: ignore[arg-type]

@@ -170,7 +170,9 @@ def _heatmap(z: np.ndarray, name: str, coloraxis: str = "coloraxis") -> go.Heatm
 def _square_axes(fig: go.Figure, n: int) -> None:
     for i in range(1, n + 1):
         suffix = "" if i == 1 else str(i)
-        fig.layout[f"yaxis{suffix}"].update(autorange="reversed", scaleanchor=f"x{suffix}", showticklabels=False)
+        fig.layout[f"yaxis{suffix}"].update(
+            autorange="reversed", scaleanchor=f"x{suffix}", showticklabels=False
+        )
         fig.layout[f"xaxis{suffix}"].update(showticklabels=False)
 
 
@@ -188,7 +190,10 @@ def layer_head_figure(
         raise ValueError(f"Expected (L, H, gh, gw) maps, got shape {maps.shape}.")
     n_layers, n_heads = maps.shape[:2]
     cols = n_heads + int(include_mean)
-    grid = [[maps[i, j] for j in range(n_heads)] + ([maps[i].mean(axis=0)] if include_mean else []) for i in range(n_layers)]
+    grid = [
+        [maps[i, j] for j in range(n_heads)] + ([maps[i].mean(axis=0)] if include_mean else [])
+        for i in range(n_layers)
+    ]
     zmin, zmax = _bounds([z for row in grid for z in row])
     labels = [f"head {j}" for j in range(n_heads)] + (["mean"] if include_mean else [])
     fig = make_subplots(
@@ -231,7 +236,9 @@ def comparison_figure(
     return fig
 
 
-def difference_figure(diff: AttentionView | np.ndarray, index: int = 0, title: str | None = None) -> go.Figure:
+def difference_figure(
+    diff: AttentionView | np.ndarray, index: int = 0, title: str | None = None
+) -> go.Figure:
     """A difference map on a diverging scale centred at 0 (symmetric limits)."""
     z = _as_map(diff, index)
     lim = float(np.abs(z).max()) or 1.0
@@ -314,8 +321,16 @@ def view_to_csv(view: AttentionView, path: str | Path) -> Path:
             for r in range(gh):
                 for c in range(gw):
                     writer.writerow(
-                        [view.name, view.method, "" if view.layer is None else view.layer,
-                         "" if view.head is None else view.head, i, r, c, repr(float(view.map[i, r, c]))]
+                        [
+                            view.name,
+                            view.method,
+                            "" if view.layer is None else view.layer,
+                            "" if view.head is None else view.head,
+                            i,
+                            r,
+                            c,
+                            repr(float(view.map[i, r, c])),
+                        ]
                     )
     return out
 

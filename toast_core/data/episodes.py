@@ -43,7 +43,9 @@ def _check_args(data: LabeledImages, n_way: int, k_shot: int, n_query: int) -> l
     return eligible
 
 
-def _relabel(data: LabeledImages, index: list[int], labels: list[int], classes: list[int], role: str) -> LabeledImages:
+def _relabel(
+    data: LabeledImages, index: list[int], labels: list[int], classes: list[int], role: str
+) -> LabeledImages:
     part = data.subset(index)
     part.labels = torch.tensor(labels, dtype=torch.long)
     part.class_names = [data.class_names[c] for c in classes]

@@ -85,7 +85,7 @@ def load_image_folder(
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
 ) -> LabeledImages:
     """Read `root/<class>/**/<image>` (classes sorted by name), resized to size x size."""
-    root = Path(root)
+    root = Path(root).resolve()  # "." has no name and no meaningful sibling masks tree
     if not root.is_dir():
         raise ImageFolderError(f"'{root}' is not a folder.")
     if max_images_per_class is not None and max_images_per_class < 1:
@@ -98,8 +98,12 @@ def load_image_folder(
         class_dirs = [p for p in class_dirs if p != mask_root]
     if not class_dirs:
         loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in extensions]
-        hint = f" It holds {len(loose)} images directly; put them in one subfolder per class." if loose else ""
-        raise ImageFolderError(f"No class folders in '{root.name}': expected '<class>/<image>' subfolders.{hint}")
+        hint = (
+            f" It holds {len(loose)} images directly; put them in one subfolder per class." if loose else ""
+        )
+        raise ImageFolderError(
+            f"No class folders in '{root.name}': expected '<class>/<image>' subfolders.{hint}"
+        )
     if (root / "metadata.json").is_file() and {p.name for p in class_dirs} & {"train", "val", "test"}:
         raise ImageFolderError(
             f"'{root.name}' looks like an exported dataset with splits; load one split, e.g. '{root.name}/train'."
@@ -149,5 +153,12 @@ def load_image_folder(
         labels=torch.tensor(labels, dtype=torch.long),
         class_names=[p.name for p in class_dirs],
         masks=mask_tensor,
-        meta={"source": "folder", "root": str(root), "size": size, "counts": counts, "skipped": skipped, "masks": mask_note},
+        meta={
+            "source": "folder",
+            "root": str(root),
+            "size": size,
+            "counts": counts,
+            "skipped": skipped,
+            "masks": mask_note,
+        },
     )

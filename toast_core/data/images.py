@@ -107,7 +107,9 @@ def _to_rgb(im: Image.Image, name: str) -> np.ndarray:
     mode = im.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _sixteen_bit_to_rgb(im)
-    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode in ("P", "L", "RGB") and "transparency" in im.info)
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
+        mode in ("P", "L", "RGB") and "transparency" in im.info
+    )
     try:
         if has_alpha:
             rgba = im.convert("RGBA")

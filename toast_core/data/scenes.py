@@ -227,7 +227,9 @@ def _hsv_colour(rng: np.random.Generator, sat: tuple[float, float], val: tuple[f
 def _texture_crop(rng: np.random.Generator, size: int) -> np.ndarray:
     bank = _texture_bank()
     t = bank[int(rng.integers(len(bank)))]
-    y, x = rng.integers(0, _TEXTURE_RES - size + 1, size=2)
+    if size > _TEXTURE_RES:  # large renders stretch the bank instead of cropping it
+        t = cv2.resize(t, (size, size), interpolation=cv2.INTER_LINEAR)
+    y, x = rng.integers(0, t.shape[0] - size + 1, size=2)
     crop = t[y : y + size, x : x + size]
     return crop if rng.random() < 0.5 else crop.T
 

@@ -132,7 +132,9 @@ def _strip_wrapper(members: list[_Member]) -> list[_Member]:
     return members
 
 
-def _extract(zf: zipfile.ZipFile, members: list[_Member], target: Path, max_total_bytes: int, max_ratio: float) -> None:
+def _extract(
+    zf: zipfile.ZipFile, members: list[_Member], target: Path, max_total_bytes: int, max_ratio: float
+) -> None:
     """Decompress with the limits enforced on the bytes actually produced, not on the headers."""
     written = 0
     root = target.resolve()
@@ -147,13 +149,17 @@ def _extract(zf: zipfile.ZipFile, members: list[_Member], target: Path, max_tota
                 produced += len(chunk)
                 written += len(chunk)
                 if produced > m.info.file_size:
-                    raise ZipImportError(f"Refused: member '{m.info.filename}' is larger than its header says.")
+                    raise ZipImportError(
+                        f"Refused: member '{m.info.filename}' is larger than its header says."
+                    )
                 if written > max_total_bytes:
                     raise ZipImportError(
                         f"Refused: unpacking passed the {max_total_bytes / 2**20:.1f} MB limit."
                     )
                 if produced > RATIO_FLOOR_BYTES and produced > max_ratio * max(m.info.compress_size, 1):
-                    raise ZipImportError(f"Refused: member '{m.info.filename}' expands beyond {max_ratio:g}x.")
+                    raise ZipImportError(
+                        f"Refused: member '{m.info.filename}' expands beyond {max_ratio:g}x."
+                    )
                 dst.write(chunk)
 
 
@@ -176,7 +182,9 @@ def import_zip(
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(f"'{dest}' already exists and is not an empty folder.")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fileobj: str | Path | BinaryIO = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
+    fileobj: str | Path | BinaryIO = (
+        io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
+    )
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.importing-", dir=dest.parent))
     try:
         try:
@@ -185,7 +193,15 @@ def import_zip(
                 _extract(zf, members, tmp, max_total_bytes, max_ratio)
         except ZipImportError:
             raise
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as exc:
+        except (
+            zipfile.BadZipFile,
+            zipfile.LargeZipFile,
+            zlib.error,
+            EOFError,
+            OSError,
+            ValueError,
+            NotImplementedError,
+        ) as exc:
             raise ZipImportError(f"The upload is not a valid or supported zip archive: {exc}") from exc
         os.replace(tmp, dest)  # atomic on one filesystem; replaces an empty dest folder
     except BaseException:

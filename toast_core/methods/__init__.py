@@ -22,6 +22,12 @@ BUILTIN: tuple[str, ...] = (
     "toast_core.methods.lora:LoRA",
     "toast_core.methods.vpt:VPT",
     "toast_core.methods.visual_prompt:VisualPrompt",
+    "toast_core.methods.fort:FortFullFineTune",
+    "toast_core.methods.fort:FortLoRA",
+    "toast_core.methods.fort:FortBitFit",
+    "toast_core.methods.attention_transfer:AttentionCopy",
+    "toast_core.methods.attention_transfer:AttentionDistill",
+    "toast_core.methods.attention_transfer:StudentMethod",
 )
 
 REGISTRY: dict[str, type[SteeringMethod]] = {}

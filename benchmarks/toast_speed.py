@@ -1,0 +1,194 @@
+"""TOAST training-step time against full fine-tuning and against a two-pass reference written the
+way the released code (bfshi/TOAST, vit_top_down.py) computes.
+
+Why: TOAST runs the backbone twice, so its cost is the question users ask first. This project's
+TOAST runs pass 1 without an autograd graph through fused attention, and sends td through W_v only;
+the released code runs both passes with explicit softmax attention and sends td through the whole
+qkv Linear. Late feedback (k = L/2) runs only the top half in pass 2.
+
+Default: timm vit_tiny_patch16_224 (random init, no download), 224 px, batch 16, CPU. Every
+contender is timed once per round in rotating order (interleaved, so load drifts hit all alike),
+after warm-up rounds; medians are reported. `--smoke` runs the tiny fixture backbone in seconds.
+Last line: `RESULT toast_vs_ref=… toast_vs_full=… lite_vs_ref=… late_vs_ref=…`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from toast_core.backbone import Backbone, _wrap, tiny_fixture_backbone
+from toast_core.methods.base import SteeringMethod
+from toast_core.methods.full import FullFineTune
+from toast_core.methods.toast import Toast, ToastConfig, ToastLite
+
+TARGETS = {"toast_vs_ref": 0.70, "toast_vs_full": 1.10, "late_vs_ref": 0.50}
+
+
+class ReleasedTopDown(nn.Module):
+    """The released two-pass forward on the same frozen backbone: explicit softmax attention, a
+    grad-enabled first pass, td through the full qkv Linear (bias included) with q, k discarded."""
+
+    def __init__(self, vit: nn.Module, source: Toast) -> None:
+        super().__init__()
+        self._vit = (vit,)  # frozen, shared; not registered so the optimiser never sees it
+        d = source.layout.embed_dim
+        self.decoders = nn.ModuleList()
+        for dec in source.decoders:
+            block = nn.Module()
+            block.linear = nn.Linear(d, d, bias=False)
+            block.linear2 = nn.Linear(d, d, bias=False)
+            block.linear.weight.data.copy_(dec.linear.weight.data)
+            block.linear2.weight.data.copy_(dec.linear2.weight.data)
+            self.decoders.append(block)
+        self.prompt = nn.Parameter(source.xi.detach().clone())
+        self.top_down_transform = nn.Parameter(source.P.detach().clone(), requires_grad=False)
+        self.head = nn.Linear(d, source.num_classes)
+        self.head.load_state_dict(source.head.state_dict())
+
+    def _attention(self, blk: nn.Module, x: Tensor, td: Tensor | None) -> Tensor:
+        attn = blk.attn
+        B, N, C = x.shape
+        H = attn.num_heads
+        q, k, v = attn.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        if td is not None:
+            v = v + attn.qkv(td).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)[2]
+        a = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
+        return attn.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+
+    def forward_features(self, images: Tensor, td: list[Tensor] | None = None) -> Tensor:
+        vit = self._vit[0]
+        x = vit._pos_embed(vit.patch_embed(images))
+        for i, blk in enumerate(vit.blocks):
+            x = x + self._attention(blk, blk.norm1(x), td[i] if td is not None else None)
+            x = x + blk.mlp(blk.norm2(x))
+        return vit.norm(x)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.forward_features(images)
+        cos = F.normalize(x, dim=-1) @ F.normalize(self.prompt[None, ..., None], dim=1)
+        x = (x * cos.clamp(0, 1)) @ self.top_down_transform
+        td: list[Tensor] = []
+        for depth in range(len(self.decoders) - 1, -1, -1):
+            x = self.decoders[depth].linear(x)
+            td = [self.decoders[depth].linear2(x), *td]
+        return self.head(self.forward_features(images, td)[:, 0])
+
+
+def make_step(model: nn.Module, forward: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor) -> Callable[[], float]:
+    """One training step (forward, cross-entropy, backward, AdamW) over the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss = F.cross_entropy(forward(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    return step
+
+
+def method_forward(method: SteeringMethod) -> Callable[[Tensor], Tensor]:
+    return lambda x: method(x).logits
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[Backbone, Tensor, Tensor, int, str]:
+    if args.smoke:
+        bb = tiny_fixture_backbone(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+        desc = "tiny fixture (32 px, width 32, 4 blocks), random data"
+        size, batch = 32, 4
+    else:
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+        bb = _wrap(model, "vit_tiny_patch16_224 (random init)", "fixture", "cpu")
+        desc = f"timm vit_tiny_patch16_224 (random init), {args.size} px"
+        size, batch = args.size, args.batch
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    labels = torch.randint(0, args.classes, (batch,), generator=gen)
+    return bb, images, labels, batch, desc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny fixture backbone; runs in seconds")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    bb, images, labels, batch, desc = load_inputs(args)
+    depth = bb.layout.depth
+    full = FullFineTune(bb, args.classes)
+    toast = Toast(bb, args.classes)
+    compat = Toast(bb, args.classes, ToastConfig(official_compat=True))
+    compat.load_state_dict(toast.state_dict())
+    reference = ReleasedTopDown(bb.model, compat)
+    lite = ToastLite(bb, args.classes)
+    late = Toast(bb, args.classes, ToastConfig(feedback_to=depth // 2))
+
+    # The reference must compute what TOAST's official form computes, or the comparison is void.
+    with torch.no_grad():
+        diff = (reference(images) - compat(images).logits).abs().max().item()
+    if diff > 1e-4:
+        raise SystemExit(f"The reference and TOAST (official_compat) disagree by {diff:.2e}.")
+
+    steps = {
+        "full": make_step(full, method_forward(full), images, labels),
+        "reference": make_step(reference, reference, images, labels),
+        "toast": make_step(toast, method_forward(toast), images, labels),
+        "toast_lite": make_step(lite, method_forward(lite), images, labels),
+        f"late_k{depth // 2}": make_step(late, method_forward(late), images, labels),
+    }
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rnd in range(args.warmup + args.repeats):
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        for name in order:
+            elapsed = steps[name]()
+            if rnd >= args.warmup:
+                times[name].append(elapsed)
+    med = {n: statistics.median(t) for n, t in times.items()}
+
+    print(f"TOAST train-step time: {desc}, batch {batch}, {args.threads} thread(s), CPU")
+    print(f"reference check: max |logit diff| reference vs TOAST official_compat = {diff:.1e}")
+    print(f"{'method':<12} {'median ms':>10} {'min ms':>8} {'x full':>7} {'x ref':>7}  trainable")
+    counts = {
+        "full": full.trainable_count(),
+        "reference": sum(p.numel() for p in reference.parameters() if p.requires_grad),
+        "toast": toast.trainable_count(),
+        "toast_lite": lite.trainable_count(),
+        names[-1]: late.trainable_count(),
+    }
+    for name in names:
+        print(
+            f"{name:<12} {med[name] * 1e3:>10.1f} {min(times[name]) * 1e3:>8.1f} "
+            f"{med[name] / med['full']:>7.2f} {med[name] / med['reference']:>7.2f}  {counts[name]:,}"
+        )
+    result = {
+        "toast_vs_ref": med["toast"] / med["reference"],
+        "toast_vs_full": med["toast"] / med["full"],
+        "lite_vs_ref": med["toast_lite"] / med["reference"],
+        "late_vs_ref": med[names[-1]] / med["reference"],
+    }
+    verdicts = [f"{k} {result[k]:.2f} {'<=' if result[k] <= v else '>'} {v:.2f}" for k, v in TARGETS.items()]
+    print("targets: " + "; ".join(verdicts))
+    print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()

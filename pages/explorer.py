@@ -1,0 +1,202 @@
+"""Attention Explorer: one image, several steering modules, one view, side by side on one colour scale."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from toast_core import app_state as S
+from toast_core.data.images import IMAGE_EXTENSIONS, ImageInputError
+from toast_core.data.scenes import SPLITS, TASKS
+from toast_core.viz import COLORMAPS, comparison_figure, difference_figure, layer_head_figure
+
+SOURCES = ("Built-in scene", "Upload an image")
+
+
+def apply_preset() -> None:
+    """A preset chosen on the home page sets the widgets once, then leaves them to the user."""
+    key = st.session_state.pop("explorer_preset", None)
+    p = S.preset(key) if key else None
+    if p is None:
+        return
+    st.session_state.update(
+        ex_source=SOURCES[0], ex_task=p.task, ex_split=p.split, ex_index=p.index,
+        ex_view=next(label for label, name in S.VIEW_LABELS.items() if name == p.view),
+    )
+    st.info(f"Preset: **{p.title}**. {p.note}")
+
+
+def pick_image(size: int) -> S.ImageChoice | None:
+    """The image to explore: a built-in scene (with its ground-truth mask) or a safe-decoded upload."""
+    source = st.radio("Image", SOURCES, key="ex_source", horizontal=True)
+    if source == SOURCES[0]:
+        c1, c2, c3 = st.columns(3)
+        task = c1.selectbox("Task", list(TASKS), key="ex_task")
+        split = c2.selectbox("Split", list(SPLITS), index=2, key="ex_split")
+        index = c3.number_input("Index", 0, 9999, 0, key="ex_index")
+        st.caption(TASKS[task].description)
+        return S.scene_image(task, split, int(index), size)
+    upload = st.file_uploader(
+        f"An image (PNG, JPEG, …; up to {S.MAX_IMAGE_MB} MB)",
+        type=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
+        key="ex_upload",
+        max_upload_size=S.MAX_IMAGE_MB,
+    )
+    if upload is None:
+        st.info("Upload an image to compare the modules on it.")
+        return None
+    try:
+        return S.decode_upload(upload.getvalue(), upload.name)
+    except ImageInputError as exc:
+        st.error(f"This upload cannot be used: {exc}")
+        return None
+
+
+def pick_modules(backbone) -> list[str]:
+    manager = S.run_manager()
+    done = S.finished_runs(manager, backbone)
+    options = [S.BASE_KEY] + [r.run_id for r in done]
+    labels = {S.BASE_KEY: S.base_module(backbone).label, **{r.run_id: S.run_label(r) for r in done}}
+    default = options[: min(6, len(options))]
+    chosen = st.multiselect(
+        "Modules", options, default=default, format_func=lambda k: labels.get(k, k), key="ex_modules",
+        help="The base backbone and every finished run on this backbone.",
+    )
+    if len(options) == 1:
+        st.caption("Only the base backbone so far: train modules in the Tuning Lab to compare them here.")
+    return [k for k in chosen if k in labels]
+
+
+def pick_view(backbone) -> tuple[str, int, str | int]:
+    layout = backbone.layout
+    c1, c2, c3 = st.columns([2, 2, 1])
+    label = c1.selectbox("View", list(S.VIEW_LABELS), key="ex_view")
+    view = S.VIEW_LABELS[label]
+    layer = c2.slider(
+        "Layer", 0, layout.depth - 1, layout.depth - 1, key="ex_layer", disabled=view not in S.LAYERED_VIEWS
+    )
+    heads: list[str | int] = ["mean", *range(layout.num_heads)]
+    head = c3.selectbox("Head", heads, key="ex_head", disabled=view not in S.HEAD_VIEWS)
+    return view, int(layer), head
+
+
+def show_overlays(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, cmap: str) -> None:
+    """The original image, then each module's overlay, with its prediction underneath."""
+    tiles = iter(S.overlay_tiles(image, views, alpha, cmap))
+    per_row = 4
+    cells = [("image", image.rgb, f"{image.name}" + (f" · true: {image.true_label}" if image.true_label else ""))]
+    for mv in views:
+        cells.append((mv.label, next(tiles) if mv.view is not None else None, mv.caption()))
+    for start in range(0, len(cells), per_row):
+        cols = st.columns(per_row)
+        for col, (title, tile, caption) in zip(cols, cells[start : start + per_row]):
+            with col:
+                st.markdown(f"**{title}**")
+                if tile is None:
+                    st.warning(caption)
+                else:
+                    st.image(tile, caption=caption, width="stretch")
+    st.caption("All overlays share one colour scale (min and max over every map shown).")
+
+
+def show_difference(views: list[S.ModuleView]) -> None:
+    usable = [mv for mv in views if mv.view is not None]
+    if len(usable) < 2:
+        st.info("Pick at least two modules with a map to see their difference.")
+        return
+    labels = [mv.label for mv in usable]
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("A", range(len(usable)), format_func=lambda i: labels[i], key="ex_diff_a")
+    b = c2.selectbox("B", range(len(usable)), index=1, format_func=lambda i: labels[i], key="ex_diff_b")
+    if a == b:
+        st.info("Choose two different modules.")
+        return
+    diff = S.difference(usable[a], usable[b])
+    st.plotly_chart(difference_figure(diff, title=f"{labels[a]} − {labels[b]} (unit mass each)"), key="ex_diff_fig")
+    st.caption("Red: A attends more; blue: B attends more.")
+
+
+def show_focus(image: S.ImageChoice, views: list[S.ModuleView]) -> None:
+    h, w = image.size
+    use_mask = image.mask is not None and st.toggle(
+        "Use the scene's ground-truth mask (the deciding object)", value=True, key="ex_use_mask"
+    )
+    if use_mask:
+        region = image.mask
+        st.caption(f"Region: ground-truth mask, {float(np.mean(image.mask)):.1%} of the image.")
+    else:
+        st.caption(f"Region: a box in image pixels (the image is {w} × {h}).")
+        cols = st.columns(4)
+        x0 = cols[0].number_input("x0", 0, w, w // 4, key="ex_x0")
+        y0 = cols[1].number_input("y0", 0, h, h // 4, key="ex_y0")
+        x1 = cols[2].number_input("x1", 0, w, 3 * w // 4, key="ex_x1")
+        y1 = cols[3].number_input("y1", 0, h, 3 * h // 4, key="ex_y1")
+        if x1 <= x0 or y1 <= y0:
+            st.warning("The box is empty: x1 must be greater than x0 and y1 greater than y0.")
+            return
+        region = (x0, y0, x1, y1)
+    rows = S.focus_table(views, region, image.size)
+    if rows:
+        st.dataframe(rows, hide_index=True, width="stretch")
+        st.caption("Focus share: attention mass inside the region; a uniform map scores the area share. "
+                   "Focus ratio = share / area (1 = chance).")
+
+
+def show_export(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, cmap: str, view: str) -> None:
+    if not any(mv.view is not None for mv in views):
+        return
+    c1, c2 = st.columns(2)
+    c1.download_button("Download PNG", S.comparison_png_bytes(image, views, alpha, cmap),
+                       file_name=f"comparison_{view}.png", mime="image/png", key="ex_png")
+    c2.download_button("Download CSV (maps)", S.views_csv_bytes(views),
+                       file_name=f"comparison_{view}.csv", mime="text/csv", key="ex_csv")
+
+
+def main() -> None:
+    st.title("Attention Explorer")
+    backbone = S.require_backbone()
+    apply_preset()
+    size = int(backbone.layout.img_size[0])
+    left, right = st.columns([1, 2])
+    with left:
+        image = pick_image(size)
+    with right:
+        keys = pick_modules(backbone)
+        view, layer, head = pick_view(backbone)
+        with st.expander("Display"):
+            alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="ex_alpha")
+            cmap = st.selectbox("Colour map", list(COLORMAPS), key="ex_cmap")
+    if image is None:
+        return
+    if not keys:
+        st.info("Pick at least one module.")
+        return
+    with st.spinner("Computing attention…"):
+        views = S.module_views(backbone, keys, image, view, layer, head)
+    st.session_state["explorer_rendered"] = len([v for v in views if v.view is not None])
+
+    tabs = st.tabs(["Overlays", "Heat maps", "Difference", "Focus", "Layers × heads", "Export"])
+    with tabs[0]:
+        show_overlays(image, views, alpha, cmap)
+    with tabs[1]:
+        usable = [mv.view for mv in views if mv.view is not None]
+        if usable:
+            fig = comparison_figure(usable, class_names=None)
+            fig.update_layout(height=320, margin=dict(l=10, r=10, t=60, b=10))
+            st.plotly_chart(fig, key="ex_cmp_fig")
+    with tabs[2]:
+        show_difference(views)
+    with tabs[3]:
+        show_focus(image, views)
+    with tabs[4]:
+        labels = {mv.key: mv.label for mv in views}
+        key = st.selectbox("Module", list(labels), format_func=lambda k: labels[k], key="ex_grid_module")
+        maps, layers = S.cls_grid(backbone, key, image)
+        fig = layer_head_figure(maps, layers, title=f"CLS attention of {labels[key]}")
+        fig.update_layout(height=140 * len(layers) + 80)
+        st.plotly_chart(fig, key="ex_grid_fig")
+    with tabs[5]:
+        show_export(image, views, alpha, cmap, view)
+
+
+main()

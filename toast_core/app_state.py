@@ -1,0 +1,675 @@
+"""What the Streamlit pages share: the frozen backbone, the run registry, loaded modules, view helpers.
+
+Pages stay thin (widgets and plots); everything they compute goes through here, and everything here
+goes through the library (`attention`, `viz`, `runs`, `checkpoints`, `data.*`). Shared objects (the
+backbone, the RunManager, loaded steering modules) live in `st.cache_resource` and are never mutated;
+per-image results live in `st.cache_data`.
+
+Environment:
+- `TOAST_LAB_BACKBONE`: "embedded" (default), "fixture" (a tiny RANDOM-INIT ViT for tests, labelled
+  as such everywhere), a timm model name, or "<timm arch>@<weights file>".
+- `TOAST_LAB_RUNS_DIR`: the run registry folder (default `<repo>/runs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+import torch
+
+from toast_core.attention import (
+    AttentionView,
+    ViewUnavailable,
+    cls_maps,
+    compute_view,
+    difference_view,
+    focus_metrics,
+)
+from toast_core.backbone import (
+    EMBEDDED_NAME,
+    REPO_ROOT,
+    Backbone,
+    BackboneError,
+    load_backbone,
+    tiny_fixture_backbone,
+)
+from toast_core.checkpoints import CheckpointError, read_card
+from toast_core.data.base import to_model_input
+from toast_core.data.images import ImageInputError, load_image, resize_for_model
+from toast_core.methods import build_method, method_class, method_names
+from toast_core.methods.base import SteeringMethod
+from toast_core.runs import MODULE_STEM, RunConfig, RunError, RunManager, RunStatus
+from toast_core.viz import compose_grid, overlays, view_to_csv
+
+BACKBONE_ENV = "TOAST_LAB_BACKBONE"
+RUNS_DIR_ENV = "TOAST_LAB_RUNS_DIR"
+FIXTURE = "fixture"
+FIXTURE_LABEL = "test fixture, random weights"
+#: upload limits (the server's own cap is `server.maxUploadSize` in .streamlit/config.toml)
+MAX_IMAGE_MB = 20
+MAX_ZIP_MB = 200
+MAX_WEIGHTS_MB = 200
+BASE_KEY = "base"
+DATASETS_DIR = ".datasets"  # under the runs root; a dot folder, so the run registry skips it
+BACKBONE_FILES_DIR = ".backbones"
+FOCUS_IMAGES = 16  # built-in test images per run for the benchmark's focus column
+
+
+# --- the backbone ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which backbone to load: kind "embedded" | "fixture" | "hub" | "file" (+ timm name, weights path)."""
+
+    kind: str = EMBEDDED_NAME
+    name: str = EMBEDDED_NAME
+    weights: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.name, self.weights)
+
+    def describe(self) -> str:
+        if self.kind == FIXTURE:
+            return f"tiny ViT ({FIXTURE_LABEL})"
+        if self.kind == "file":
+            return f"{self.name} from {Path(self.weights).name}"
+        return self.name
+
+
+def spec_from_env(value: str | None = None) -> BackboneSpec:
+    """The default backbone: `TOAST_LAB_BACKBONE` (embedded when unset)."""
+    raw = (os.environ.get(BACKBONE_ENV, "") if value is None else value).strip()
+    if raw in ("", EMBEDDED_NAME):
+        return BackboneSpec()
+    if raw == FIXTURE:
+        return BackboneSpec(FIXTURE, FIXTURE)
+    if "@" in raw:
+        arch, _, path = raw.partition("@")
+        return BackboneSpec("file", arch.strip(), path.strip())
+    return BackboneSpec("hub", raw)
+
+
+def load_spec(spec: BackboneSpec) -> Backbone:
+    """Load a backbone by spec; raises BackboneError with a message for the user."""
+    if spec.kind == FIXTURE:
+        return tiny_fixture_backbone(img_size=96, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    if spec.kind == "file":
+        return load_backbone(spec.name, weights=spec.weights, device="auto")
+    return load_backbone(spec.name, device="auto")
+
+
+@st.cache_resource(show_spinner="Loading the frozen backbone…", max_entries=4)
+def _cached_backbone(key: tuple[str, str, str]) -> Backbone:
+    return load_spec(BackboneSpec(*key))
+
+
+def shared_backbone(spec: BackboneSpec | None = None) -> Backbone:
+    """The one frozen backbone per spec and process, shared read-only by every page and session."""
+    return _cached_backbone((spec or active_spec()).key)
+
+
+def active_spec() -> BackboneSpec:
+    """This session's backbone choice (Backbones page), else the environment's default."""
+    spec = st.session_state.get("backbone_spec")
+    return spec if isinstance(spec, BackboneSpec) else spec_from_env()
+
+
+def set_active_spec(spec: BackboneSpec) -> None:
+    st.session_state["backbone_spec"] = spec
+    for key in ("explorer_modules", "fewshot_result"):
+        st.session_state.pop(key, None)
+
+
+def is_fixture(backbone: Backbone) -> bool:
+    return backbone.source == FIXTURE
+
+
+def backbone_title(backbone: Backbone) -> str:
+    """A one-line name that always says when the weights are random."""
+    if is_fixture(backbone):
+        return f"{backbone.name} — {FIXTURE_LABEL}"
+    return backbone.name
+
+
+def backbone_facts(backbone: Backbone) -> dict[str, str]:
+    """Short facts for metric tiles and captions."""
+    info = backbone.describe()
+    return {
+        "Backbone": backbone_title(backbone),
+        "Parameters": f"{info['parameters'] / 1e6:.2f} M",
+        "Input / patch": f"{info['img_size'][0]} px / {info['patch_size'][0]} px",
+        "Blocks × heads": f"{info['depth']} × {info['num_heads']}",
+        "Device": str(backbone.device),
+        "Weights hash": backbone.weights_hash,
+    }
+
+
+def require_backbone() -> Backbone:
+    """The session's backbone, or an error on the page and a stop (never a traceback)."""
+    spec = active_spec()
+    try:
+        backbone = shared_backbone(spec)
+    except BackboneError as exc:
+        st.error(f"The backbone '{spec.describe()}' could not be loaded: {exc}")
+        if spec != spec_from_env():
+            st.info("Pick another backbone on the Backbones page.")
+        st.stop()
+    if is_fixture(backbone):
+        st.warning(
+            f"Backbone: **{FIXTURE_LABEL}** (TOAST_LAB_BACKBONE=fixture). Its attention and predictions "
+            "mean nothing; it exists so the app can be tested without the pretrained checkpoint."
+        )
+    return backbone
+
+
+# --- runs ----------------------------------------------------------------------------------------
+def runs_root() -> Path:
+    return Path(os.environ.get(RUNS_DIR_ENV) or REPO_ROOT / "runs")
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _cached_manager(root: str, key: tuple[str, str, str]) -> RunManager:
+    return RunManager(root, _cached_backbone(key))
+
+
+def run_manager(spec: BackboneSpec | None = None) -> RunManager:
+    """The process-wide RunManager for this registry folder and backbone (its workers live with it)."""
+    return _cached_manager(str(runs_root()), (spec or active_spec()).key)
+
+
+def finished_runs(manager: RunManager, backbone: Backbone) -> list[RunStatus]:
+    """Done runs whose module belongs to this backbone (same weights hash), newest first."""
+    runs = [
+        r for r in manager.list(history=False)
+        if r.state == "done" and r.checkpoint and r.backbone.get("weights_hash") == backbone.weights_hash
+    ]
+    return sorted(runs, key=lambda r: r.created, reverse=True)
+
+
+def run_label(status: RunStatus) -> str:
+    acc = status.final.get("val_acc")
+    return f"{status.name}" + (f" (val acc {acc:.2f})" if isinstance(acc, int | float) else "")
+
+
+@st.cache_resource(show_spinner="Loading a steering module…", max_entries=64)
+def _cached_run_module(root: str, key: tuple[str, str, str], run_id: str, stamp: float) -> SteeringMethod:
+    manager = _cached_manager(root, key)
+    method = manager.load_run_module(run_id)
+    method.label = manager.status(run_id, history=False).name  # type: ignore[attr-defined]
+    return method
+
+
+def run_module(run_id: str) -> SteeringMethod:
+    """A done run's module on the shared backbone (loaded once; `stamp` re-loads a re-trained run)."""
+    status = run_manager().status(run_id, history=False)
+    return _cached_run_module(str(runs_root()), active_spec().key, run_id, float(status.ended or 0.0))
+
+
+def base_module(backbone: Backbone) -> SteeringMethod:
+    """The unsteered backbone as a module: a linear readout that reuses the backbone's own head when it
+    has one (the embedded backbone's pretraining head, with its class names)."""
+    return _cached_base((active_spec().key), backbone.weights_hash)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _cached_base(key: tuple[str, str, str], weights_hash: str) -> SteeringMethod:
+    backbone = _cached_backbone(key)
+    head = getattr(backbone.model, "head", None)
+    has_head = isinstance(head, torch.nn.Linear) and head.out_features > 0
+    method = build_method("linear", backbone, head.out_features if has_head else 2)
+    if has_head:
+        with torch.no_grad():
+            method.head.weight.copy_(head.weight)
+            method.head.bias.copy_(head.bias)
+        names = list(backbone.class_names)
+        method.class_names = names if len(names) == head.out_features else None  # type: ignore[attr-defined]
+        method.label = "base backbone"  # type: ignore[attr-defined]
+    else:
+        method.class_names = None  # type: ignore[attr-defined]
+        method.label = "base backbone (no head)"  # type: ignore[attr-defined]
+    method.has_trained_head = has_head  # type: ignore[attr-defined]
+    method.eval()
+    return method
+
+
+def module_for(key: str, backbone: Backbone) -> SteeringMethod:
+    return base_module(backbone) if key == BASE_KEY else run_module(key)
+
+
+# --- images --------------------------------------------------------------------------------------
+@dataclass
+class ImageChoice:
+    """The image a page shows: original RGB (H, W, 3) uint8, optional ground-truth mask (H, W) bool."""
+
+    rgb: np.ndarray
+    name: str
+    mask: np.ndarray | None = None
+    true_label: str | None = None
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.rgb.tobytes() + str(self.rgb.shape).encode()).hexdigest()[:16]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.rgb.shape[0]), int(self.rgb.shape[1])
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def scene_image(task: str, split: str, index: int, size: int = 96) -> ImageChoice:
+    """One built-in scene (the same pure function of (task, split, index) that training uses)."""
+    from toast_core.data.scenes import TASKS, task_scene
+
+    spec = TASKS[task]
+    label = index % len(spec.classes)
+    scene = task_scene(task, 0, split, index, label, size)
+    return ImageChoice(scene.image, f"{task}/{split}/{index}", scene.index_map == 1, spec.classes[label])
+
+
+def decode_upload(data: bytes, name: str = "upload") -> ImageChoice:
+    """An uploaded image, decoded safely; raises ImageInputError with a user-facing message."""
+    rgb = load_image(data, max_bytes=MAX_IMAGE_MB * 1024 * 1024)
+    return ImageChoice(rgb, name)
+
+
+def model_input(backbone: Backbone, image: ImageChoice) -> torch.Tensor:
+    """The (1, 3, H, W) normalised input the backbone expects (the whole image, stretched)."""
+    layout = backbone.layout
+    small = resize_for_model(image.rgb, layout.img_size)
+    return to_model_input(small[None], layout.mean, layout.std)
+
+
+# --- views ---------------------------------------------------------------------------------------
+#: UI label -> attention view name (toast_core.attention.VIEWS)
+VIEW_LABELS: dict[str, str] = {
+    "CLS attention": "cls",
+    "Attention rollout": "rollout",
+    "Gradient rollout (FORT)": "grad_rollout",
+    "Grad-CAM": "gradcam",
+    "TOAST pass 1 (unsteered)": "toast_pass1",
+    "TOAST pass 2 (steered)": "toast_pass2",
+    "TOAST selection mask": "selection",
+}
+LAYERED_VIEWS = frozenset({"cls", "toast_pass1", "toast_pass2"})
+HEAD_VIEWS = frozenset({"cls", "toast_pass1", "toast_pass2"})
+GRADIENT_VIEWS = frozenset({"grad_rollout", "gradcam"})
+
+
+def view_kwargs(view: str, layer: int, head: str | int) -> dict[str, Any]:
+    """The keyword options a view takes from the page's layer / head widgets."""
+    out: dict[str, Any] = {}
+    if view in LAYERED_VIEWS:
+        out["layer"] = int(layer)
+    if view in HEAD_VIEWS:
+        out["head"] = head
+    return out
+
+
+@dataclass
+class ModuleView:
+    """One module's view of the image, or why there is none."""
+
+    key: str
+    label: str
+    view: AttentionView | None
+    error: str | None = None
+    class_names: list[str] | None = None
+
+    def caption(self) -> str:
+        if self.view is None:
+            return f"{self.label}: {self.error}"
+        return prediction_text(self.view, self.class_names, self.key == BASE_KEY)
+
+
+def prediction_text(view: AttentionView, class_names: Sequence[str] | None, is_base: bool = False) -> str:
+    """"predicted: <label> (<confidence>)", with a warning when the head is untrained."""
+    k = int(view.pred[0])
+    label = class_names[k] if class_names and 0 <= k < len(class_names) else f"class {k}"
+    text = f"predicted: {label} ({float(view.conf[0]):.2f})"
+    if is_base and not class_names:
+        text = "no trained head: prediction meaningless"
+    return text
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _cached_view(
+    backbone_key: tuple[str, str, str], module_key: str, module_stamp: float, image_digest: str,
+    view: str, kwargs_json: str, _method: SteeringMethod, _x: torch.Tensor,
+) -> AttentionView:
+    return compute_view(view, _method, _x, **json.loads(kwargs_json))
+
+
+def module_views(
+    backbone: Backbone, keys: Sequence[str], image: ImageChoice, view: str, layer: int, head: str | int
+) -> list[ModuleView]:
+    """The chosen view for every chosen module (base backbone or run) on one image."""
+    x = model_input(backbone, image)
+    kwargs = view_kwargs(view, layer, head)
+    out: list[ModuleView] = []
+    for key in keys:
+        try:
+            method = module_for(key, backbone)
+        except (RunError, CheckpointError) as exc:
+            out.append(ModuleView(key, key, None, f"could not be loaded: {exc}"))
+            continue
+        label = str(getattr(method, "label", method.name))
+        names = getattr(method, "class_names", None)
+        available = set(method.views())
+        if "toast_pass1" in available:
+            available.add("toast_pass2")
+        if view not in available:
+            out.append(ModuleView(key, label, None, f"'{view}' is not a view of {method.name}", names))
+            continue
+        if key == BASE_KEY and view in GRADIENT_VIEWS and not getattr(method, "has_trained_head", False):
+            out.append(ModuleView(key, label, None, "needs a trained head (this backbone has none)", names))
+            continue
+        stamp = 0.0 if key == BASE_KEY else float(run_manager().status(key, history=False).ended or 0.0)
+        try:
+            v = _cached_view(active_spec().key, key, stamp, image.digest, view, json.dumps(kwargs), method, x)
+        except ViewUnavailable as exc:
+            out.append(ModuleView(key, label, None, str(exc), names))
+            continue
+        out.append(ModuleView(key, label, v, None, names))
+    return out
+
+
+def cls_grid(backbone: Backbone, key: str, image: ImageChoice) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(L, H, gh, gw) CLS maps of every layer and head of one module, for the layer × head figure."""
+    method = module_for(key, backbone)
+    maps = cls_maps(method, model_input(backbone, image))
+    return maps.maps[0], maps.layers
+
+
+def difference(a: ModuleView, b: ModuleView) -> AttentionView:
+    """a − b of the same view (each map scaled to unit mass first)."""
+    if a.view is None or b.view is None:
+        raise ValueError("Both modules need a map to subtract.")
+    return difference_view(a.view, b.view, normalise=True)
+
+
+def focus_table(
+    views: Sequence[ModuleView], region: Any, image_size: tuple[int, int]
+) -> list[dict[str, Any]]:
+    """Focus scores of each module's map against a mask or a box (x0, y0, x1, y1) in image pixels."""
+    rows = []
+    for mv in views:
+        if mv.view is None:
+            continue
+        m = focus_metrics(mv.view, region, image_size)
+        rows.append({
+            "module": mv.label,
+            "focus share": float(m["focus_share"][0] if np.ndim(m["focus_share"]) else m["focus_share"]),
+            "area share (chance)": float(m["area_share"]),
+            "focus ratio": float(m["focus_ratio"][0] if np.ndim(m["focus_ratio"]) else m["focus_ratio"]),
+            "peak inside": bool(m["pointing_game"][0] if np.ndim(m["pointing_game"]) else m["pointing_game"]),
+            "entropy": float(m["entropy"][0] if np.ndim(m["entropy"]) else m["entropy"]),
+        })
+    return rows
+
+
+def overlay_tiles(image: ImageChoice, views: Sequence[ModuleView], alpha: float, cmap: str) -> list[np.ndarray]:
+    """Overlays of every available map on the original image, one shared normalisation."""
+    maps = [mv.view for mv in views if mv.view is not None]
+    return overlays(image.rgb, maps, alpha=alpha, cmap=cmap) if maps else []
+
+
+def comparison_png_bytes(image: ImageChoice, views: Sequence[ModuleView], alpha: float, cmap: str) -> bytes:
+    """The image and each module's overlay, labelled with module and prediction, as PNG bytes."""
+    usable = [mv for mv in views if mv.view is not None]
+    tiles = [image.rgb, *overlay_tiles(image, usable, alpha, cmap)]
+    labels = ["image", *(f"{mv.label}: {mv.caption()}" for mv in usable)]
+    buf = io.BytesIO()
+    compose_grid(tiles, labels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def views_csv_bytes(views: Sequence[ModuleView]) -> bytes:
+    """Every map as CSV rows (view, method, layer, head, image, row, col, value), one header."""
+    chunks: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, mv in enumerate(v for v in views if v.view is not None):
+            path = view_to_csv(mv.view, Path(tmp) / f"{i}.csv")  # type: ignore[arg-type]
+            lines = path.read_text().splitlines(keepends=True)
+            chunks.extend(lines if not chunks else lines[1:])
+    return "".join(chunks).encode()
+
+
+# --- presets -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preset:
+    """A lecture shortcut: a built-in scene with a fixed index, and the view that makes the point."""
+
+    key: str
+    title: str
+    task: str
+    split: str
+    index: int
+    view: str
+    note: str
+
+
+PRESETS: tuple[Preset, ...] = (
+    Preset("stars-cls", "Which star? Last-layer CLS attention", "stars", "test", 3, "cls",
+           "The label is decided by one star among letters and shapes: does each module look at it?"),
+    Preset("stars-rollout", "Stars: rollout across all layers", "stars", "test", 11, "rollout",
+           "Rollout follows attention through the residual stream; compare how sharp it gets after tuning."),
+    Preset("glyphs-gradcam", "Which digit? Grad-CAM vs attention", "glyphs", "test", 5, "gradcam",
+           "Digits were never pretraining labels; Grad-CAM shows what the trained head actually uses."),
+    Preset("glyphs-toast", "TOAST: pass 1 vs pass 2", "glyphs", "test", 7, "toast_pass2",
+           "Top-down steering changes only the values in pass 2: compare with the unsteered pass 1."),
+    Preset("stars-fort", "FORT: gradient rollout on a star", "stars", "test", 14, "grad_rollout",
+           "The importance FORT turns into position prompts; with few shots it picks the key object."),
+)
+
+
+def preset(key: str) -> Preset | None:
+    return next((p for p in PRESETS if p.key == key), None)
+
+
+# --- tuning-lab helpers --------------------------------------------------------------------------
+@dataclass
+class FieldSpec:
+    """One setting of a method's config, as a page widget should offer it."""
+
+    name: str
+    kind: str  # "bool" | "int" | "float" | "choice" | "tuple" | "optional_int" | "optional_float" | "text"
+    default: Any
+    choices: tuple[str, ...] = ()
+    help: str = ""
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of string settings, read from the method modules that define them."""
+    from toast_core.methods import fort, lora, visual_prompt
+
+    out: dict[str, tuple[str, ...]] = {
+        "kind": tuple(visual_prompt.KINDS),
+        "head_agg": tuple(fort.HEAD_AGGS),
+        "prompt_weights": tuple(fort.PROMPT_WEIGHTS),
+        "target_mass": tuple(fort.TARGET_MASS),
+        "importance_head": tuple(fort.IMPORTANCE_HEADS),
+    }
+    a_init = getattr(lora, "A_INITS", None)
+    out["a_init"] = tuple(a_init) if a_init else ("kaiming", "normal")
+    return out
+
+
+def method_fields(name: str) -> list[FieldSpec]:
+    """The method's settings (defaults = its config dataclass, i.e. methods.md), seed excluded."""
+    cls = method_class(name).config_cls
+    defaults = cls()
+    choices = _choices()
+    doc = (cls.__doc__ or "").strip()
+    specs = []
+    for f in dataclasses.fields(cls):
+        if f.name == "seed":
+            continue
+        value = getattr(defaults, f.name)
+        t = str(f.type)
+        if f.name in choices and isinstance(value, str):
+            spec = FieldSpec(f.name, "choice", value, choices[f.name])
+        elif "bool" in t:
+            spec = FieldSpec(f.name, "bool", bool(value))
+        elif "tuple" in t:
+            spec = FieldSpec(f.name, "tuple", value)
+        elif t.startswith("int") and "None" not in t:
+            spec = FieldSpec(f.name, "int", int(value))
+        elif t.startswith("float") and "None" not in t:
+            spec = FieldSpec(f.name, "float", float(value))
+        elif "int" in t and "None" in t:
+            spec = FieldSpec(f.name, "optional_int", value)
+        elif "float" in t and "None" in t:
+            spec = FieldSpec(f.name, "optional_float", value)
+        else:
+            spec = FieldSpec(f.name, "text", value)
+        spec.help = doc
+        specs.append(spec)
+    return specs
+
+
+def parse_tuple(text: str, default: tuple | None) -> tuple | None:
+    """"q, v" -> ("q", "v"); "0, 1" -> (0, 1); empty -> None when the default is None, else ()."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        return None if default is None else ()
+    return tuple(int(p) if p.lstrip("-").isdigit() else p for p in parts)
+
+
+def describe_method(name: str) -> str:
+    """First paragraph of the method class docstring (or its config's)."""
+    cls = method_class(name)
+    doc = (cls.__doc__ or cls.config_cls.__doc__ or "").strip()
+    return doc.split("\n\n")[0].replace("\n", " ")
+
+
+def tunable_methods() -> list[str]:
+    return method_names()
+
+
+def import_dataset_zip(data: bytes, name: str) -> Path:
+    """Extract an uploaded zip of class folders under the runs root (content-addressed, so the same
+    zip uploaded twice is imported once) and check it reads as a dataset. Raises ZipImportError /
+    ImageFolderError with messages for the user."""
+    from toast_core.data.folder import load_image_folder
+    from toast_core.data.zip_import import import_zip
+
+    if len(data) > MAX_ZIP_MB * 1024 * 1024:
+        from toast_core.data.zip_import import ZipImportError
+
+        raise ZipImportError(f"The zip is {len(data) / 2**20:.1f} MB, over the {MAX_ZIP_MB} MB limit.")
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(name).stem)[:40] or "dataset"
+    dest = runs_root() / DATASETS_DIR / f"{stem}-{digest}"
+    if not (dest.is_dir() and any(dest.iterdir())):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        import_zip(data, dest, max_total_bytes=MAX_ZIP_MB * 1024 * 1024)
+    root = dest / "train" if (dest / "train").is_dir() else dest
+    load_image_folder(root, size=32, max_images_per_class=2)  # fails fast on empty classes
+    return dest
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def dataset_summary(path: str, size: int) -> dict[str, Any]:
+    """Classes, counts and skipped files of an imported folder (read once per folder)."""
+    from toast_core.data.folder import load_image_folder
+
+    root = Path(path)
+    root = root / "train" if (root / "train").is_dir() else root
+    data = load_image_folder(root, size=size)
+    return {"classes": data.class_names, "counts": data.meta["counts"], "skipped": data.meta["skipped"],
+            "images": len(data)}
+
+
+def submit_run(manager: RunManager, **config: Any) -> str:
+    """Build and submit a RunConfig; ValueError / RunError carry messages for the user."""
+    return manager.submit(RunConfig(**config))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def probe_image(config: dict[str, Any], size: int) -> np.ndarray | None:
+    """The run's probe image (what its attention snapshots are of), as RGB, for built-in tasks."""
+    from toast_core.runs import load_task_data, parse_task
+
+    try:
+        ref = parse_task(config["task"])
+        if ref.kind != "builtin":
+            return None
+        cfg = RunConfig.from_dict(config)
+        train_set, val_set = load_task_data(cfg, size)
+    except (ValueError, KeyError, OSError):
+        return None
+    pool = val_set if val_set is not None and len(val_set) else train_set
+    idx = int(config.get("probe_index", 0))
+    return pool.images[idx].permute(1, 2, 0).numpy() if idx < len(pool) else None
+
+
+def module_card(manager: RunManager, run_id: str) -> dict[str, Any] | None:
+    """The saved module's card of a done run (trainable share, config), or None."""
+    try:
+        return read_card(manager.run_dir(run_id) / MODULE_STEM)
+    except (CheckpointError, RunError):
+        return None
+
+
+# --- benchmark -----------------------------------------------------------------------------------
+@st.cache_data(show_spinner="Measuring focus on built-in test scenes…", max_entries=256)
+def run_focus(backbone_key: tuple[str, str, str], run_id: str, stamp: float, task: str) -> float | None:
+    """Mean focus ratio (last-layer CLS attention on the deciding object / its area share) over
+    FOCUS_IMAGES built-in test scenes; None for tasks without masks."""
+    from toast_core.data.scenes import TASKS
+
+    base_task = task.rsplit(":", 1)[-1] if task.startswith("episode:") else task
+    if base_task not in TASKS:
+        return None
+    backbone = _cached_backbone(backbone_key)
+    method = _cached_run_module(str(runs_root()), backbone_key, run_id, stamp)
+    size = int(backbone.layout.img_size[0])
+    ratios = []
+    for i in range(FOCUS_IMAGES):
+        img = scene_image(base_task, "test", i, size)
+        v = compute_view("cls", method, model_input(backbone, img), layer=-1, head="mean")
+        ratios.append(float(focus_metrics(v, img.mask, img.size)["focus_ratio"][0]))
+    return float(np.nanmean(ratios))
+
+
+def benchmark_rows(manager: RunManager, backbone: Backbone, with_focus: bool = True) -> list[dict[str, Any]]:
+    """One row per run: method, task, state, accuracy, trainable %, step time, focus."""
+    rows = []
+    for r in manager.list(history=False):
+        card = module_card(manager, r.run_id) if r.state == "done" else None
+        share = (card or {}).get("describe", {}).get("trainable_share")
+        own = r.backbone.get("weights_hash") == backbone.weights_hash
+        focus = None
+        if with_focus and own and r.state == "done" and r.checkpoint:
+            try:
+                focus = run_focus(active_spec().key, r.run_id, float(r.ended or 0), r.task)
+            except (RunError, CheckpointError, ViewUnavailable):
+                focus = None
+        rows.append({
+            "run": r.name,
+            "run_id": r.run_id,
+            "method": r.method,
+            "task": r.task,
+            "state": r.state,
+            "val acc": r.final.get("val_acc"),
+            "train acc": r.final.get("train_acc"),
+            "trainable %": None if share is None else 100.0 * float(share),
+            "ms / image (train)": r.timings.get("train_ms_per_img"),
+            "focus ratio": focus,
+            "steps": r.step,
+            "device": r.device,
+            "backbone": r.backbone.get("name", ""),
+            "this backbone": own,
+        })
+    return rows

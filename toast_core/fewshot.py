@@ -1,0 +1,353 @@
+"""N-way K-shot evaluation of steering methods: a fresh module per episode, tuned on the support set.
+
+Per episode and method: build the method fresh, give it a head fitted on the support features
+(`head_init="ridge"`, FORT's classifier initialisation; "random" keeps the method's own init), for
+FORT methods compute the position prompts, tune with the shared training loop (`train()`, batch =
+n_way, constant lr, AdamW), then score the query set: accuracy, and the focus on the deciding object
+(share of the last layer's head-mean CLS attention over patches that falls on the query's mask,
+beside the mask's area share, its chance level). Summaries give the mean with a 95% CI
+(1.96 · sample std / √episodes) and paired differences over the same episodes.
+
+The official FORT setting is 20-way (1 or 5 shot) wherever a data set has at least 20 classes
+(`official_n_way`); the built-in tasks have 8 ("stars") and 10 ("glyphs") classes, so they are
+evaluated 5-way. Any `LabeledImages` works (built-in tasks via `task_pool`, image folders, uploads).
+
+Shared work: at init every method here (linear, full, LoRA, BitFit and their FORT versions) computes
+exactly the frozen backbone's forward, so the support features, the ridge head and FORT's importance
+are computed once per episode on the frozen backbone; a method whose initial features differ (checked
+on one support image) gets its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from toast_core.attention import area_share, cls_view, focus_share
+from toast_core.backbone import Backbone
+from toast_core.data.base import LabeledImages
+from toast_core.data.episodes import Episode, episodes
+from toast_core.methods import build_method
+from toast_core.methods.base import SteeringMethod
+from toast_core.methods.fort import (
+    FortMixin,
+    position_importance,
+    prompt_targets,
+    ridge_head,
+    support_features,
+)
+from toast_core.train import TrainConfig, prepare_batch, train
+
+HEAD_INITS = ("ridge", "random")
+OFFICIAL_WAYS = 20
+
+
+def official_n_way(num_classes: int) -> int:
+    """FORT's 20-way where the data has >= 20 classes, else 5-way (the built-in tasks: 8 and 10)."""
+    return OFFICIAL_WAYS if num_classes >= OFFICIAL_WAYS else 5
+
+
+@dataclass
+class MethodSpec:
+    """One method in a few-shot comparison: registry name + settings, its lr, optional caps."""
+
+    label: str
+    method: str
+    config: dict[str, Any] = field(default_factory=dict)
+    lr: float = 1e-4
+    steps: int | None = None  # None: FewShotConfig's steps / epochs
+    episodes: int | None = None  # None: all of FewShotConfig.episodes
+
+
+@dataclass
+class FewShotConfig:
+    """Episode shape and tuning recipe shared by every method of a comparison.
+
+    steps None = `epochs` passes over the support set at batch n_way (official: 5 for full FT, 10
+    for LoRA). Constant lr (the official loop has no schedule), AdamW, weight decay on ≥2-d tensors.
+    """
+
+    n_way: int = 5
+    k_shot: int = 1
+    n_query: int = 15
+    episodes: int = 100
+    seed: int = 0
+    epochs: int = 5
+    steps: int | None = None
+    batch_size: int | None = None
+    weight_decay: float = 0.01
+    grad_clip: float | None = None
+    head_init: str = "ridge"
+    ridge_lam: float = 50.0
+    eval_batch_size: int = 64
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}; got {self.head_init!r}.")
+        if self.episodes < 1 or self.epochs < 1:
+            raise ValueError("episodes and epochs must be >= 1.")
+
+    def steps_for(self, spec: MethodSpec) -> int:
+        if spec.steps is not None:
+            return spec.steps
+        if self.steps is not None:
+            return self.steps
+        batch = self.batch_size or self.n_way
+        return self.epochs * math.ceil(self.n_way * self.k_shot / batch)
+
+
+@dataclass
+class EpisodeResult:
+    """One method on one episode. focus/area are means over the query images (None without masks);
+    prompt_on_object: share of the FORT prompts' mass on the support masks (FORT methods only)."""
+
+    label: str
+    episode: int
+    acc: float
+    focus: float | None
+    area: float | None
+    steps: int
+    seconds: float
+    train_loss: float
+    prompt_on_object: float | None = None
+
+
+@dataclass
+class FewShotSummary:
+    """Mean ± 95% CI over the episodes one method completed."""
+
+    label: str
+    method: str
+    n_way: int
+    k_shot: int
+    episodes: int
+    acc: float
+    acc_ci95: float
+    focus: float | None
+    focus_ci95: float | None
+    area: float | None
+    prompt_on_object: float | None
+    seconds: float
+    results: list[EpisodeResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the 95% half-width 1.96 · s / √n (s = sample std; 0 for one value, nan for none)."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    if v.size == 1:
+        return float(v[0]), 0.0
+    return float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def paired_difference(a: FewShotSummary, b: FewShotSummary, key: str = "acc") -> tuple[float, float, int]:
+    """a − b over the episodes both completed (same episodes → paired): (mean, 95% half-width, n)."""
+    va = {r.episode: getattr(r, key) for r in a.results}
+    vb = {r.episode: getattr(r, key) for r in b.results}
+    common = sorted(set(va) & set(vb))
+    diffs = [va[e] - vb[e] for e in common if va[e] is not None and vb[e] is not None]
+    mean, ci = mean_ci95(diffs)
+    return mean, ci, len(diffs)
+
+
+def task_pool(task: str, per_class: int = 20, seed: int = 0, split: str = "test") -> LabeledImages:
+    """A built-in task's images to draw episodes from (masks = the deciding object)."""
+    from toast_core.data.scenes import make_task_split
+
+    return make_task_split(task, split, per_class, seed)
+
+
+# --- one episode ------------------------------------------------------------------------------------
+class _EpisodeCache:
+    """Work shared by the methods of one episode: prepared support input, frozen features, ridge head,
+    FORT importance per setting."""
+
+    def __init__(self, backbone: Backbone, episode: Episode, config: FewShotConfig):
+        self.episode, self.config = episode, config
+        self.reference = SteeringMethod(backbone, config.n_way)  # the frozen forward + a head
+        self.x = prepare_batch(self.reference, episode.support.images)
+        self.labels = episode.support.labels.to(self.x.device)
+        self.features = support_features(self.reference, self.x)
+        self.head = ridge_head(self.features, self.labels, config.n_way, config.ridge_lam)
+        self._importance: dict[tuple[Any, ...], Tensor] = {}
+
+    def same_start(self, method: SteeringMethod) -> bool:
+        """Does the fresh method compute the frozen forward (checked on the first support image)?"""
+        return bool(torch.allclose(support_features(method, self.x[:1]), self.features[:1], atol=1e-5, rtol=1e-4))
+
+    def importance(self, cfg: Any) -> Tensor:
+        key = (cfg.lam, cfg.head_agg, cfg.keep_top, cfg.ridge_lam)
+        if key not in self._importance:
+            self._importance[key] = position_importance(
+                self.reference, self.x, self.labels, lam=cfg.lam, head_agg=cfg.head_agg,
+                keep_top=cfg.keep_top, importance_head="ridge", ridge_lam=cfg.ridge_lam,
+            )
+        return self._importance[key]
+
+
+def _set_head(method: SteeringMethod, weight: Tensor, bias: Tensor) -> None:
+    with torch.no_grad():
+        method.head.weight.copy_(weight)
+        if method.head.bias is not None:
+            method.head.bias.copy_(bias)
+
+
+def _prepare_fort(method: SteeringMethod, cache: _EpisodeCache, shared: bool) -> float | None:
+    """Position prompts for a FORT method (shared importance where valid); returns their mass on the
+    support masks, if the data has masks."""
+    assert isinstance(method, FortMixin)
+    cfg = method.config
+    if shared and cfg.importance_head == "ridge":
+        imp = cache.importance(cfg)
+        method.set_prompts(cache.x, prompt_targets(imp, method.prompt_count(), cfg.prompt_weights), imp)
+    else:
+        method.prepare_prompts(cache.episode.support)
+    masks = cache.episode.support.masks
+    if masks is None or method.prompt_targets is None:
+        return None
+    grid = method.layout.grid
+    maps = method.prompt_targets.reshape(-1, *grid).cpu().numpy()
+    return float(np.mean(focus_share(maps, masks)))
+
+
+def score_queries(method: SteeringMethod, query: LabeledImages, batch_size: int = 64) -> tuple[float, float | None, float | None]:
+    """Accuracy and (with masks) mean focus share / area share of last-layer CLS attention, one forward."""
+    correct, focus, area = 0, [], []
+    for start in range(0, len(query), batch_size):
+        images = query.images[start : start + batch_size]
+        view = cls_view(method, prepare_batch(method, images), layer=-1, head="mean")
+        labels = query.labels[start : start + batch_size].numpy()
+        correct += int((view.pred == labels).sum())
+        if query.masks is not None:
+            masks = query.masks[start : start + batch_size]
+            focus.extend(np.atleast_1d(focus_share(view.map, masks)).tolist())
+            area.extend(np.atleast_1d(area_share(masks, view.grid)).tolist())
+    acc = correct / max(len(query), 1)
+    return acc, (float(np.mean(focus)) if focus else None), (float(np.mean(area)) if area else None)
+
+
+def run_episode(
+    backbone: Backbone,
+    spec: MethodSpec,
+    episode: Episode,
+    index: int,
+    config: FewShotConfig,
+    cache: _EpisodeCache | None = None,
+) -> EpisodeResult:
+    """Build `spec` fresh, initialise its head, prepare FORT prompts, tune on the support set, score."""
+    t0 = time.perf_counter()
+    cache = cache or _EpisodeCache(backbone, episode, config)
+    method = build_method(spec.method, backbone, config.n_way, dict(spec.config))
+    shared = cache.same_start(method)
+    if config.head_init == "ridge":
+        w, b = cache.head if shared else ridge_head(
+            support_features(method, cache.x), cache.labels, config.n_way, config.ridge_lam
+        )
+        _set_head(method, w, b)
+    on_object = _prepare_fort(method, cache, shared) if isinstance(method, FortMixin) else None
+    steps = config.steps_for(spec)
+    tc = TrainConfig(
+        steps=steps,
+        batch_size=config.batch_size or config.n_way,
+        lr=spec.lr,
+        weight_decay=config.weight_decay,
+        min_lr=1.0,
+        grad_clip=config.grad_clip,
+        seed=config.seed * 100_003 + index,
+        device=config.device,
+    )
+    result = train(method, episode.support, None, tc) if steps > 0 else None
+    acc, focus, area = score_queries(method, episode.query, config.eval_batch_size)
+    return EpisodeResult(
+        label=spec.label,
+        episode=index,
+        acc=acc,
+        focus=focus,
+        area=area,
+        steps=steps,
+        seconds=time.perf_counter() - t0,
+        train_loss=float(result.final.get("train_loss", float("nan"))) if result else float("nan"),
+        prompt_on_object=on_object,
+    )
+
+
+# --- many episodes ---------------------------------------------------------------------------------
+def summarise(spec: MethodSpec, config: FewShotConfig, results: list[EpisodeResult]) -> FewShotSummary:
+    acc, acc_ci = mean_ci95([r.acc for r in results])
+    foc = [r.focus for r in results if r.focus is not None]
+    focus, focus_ci = mean_ci95(foc) if foc else (None, None)
+    areas = [r.area for r in results if r.area is not None]
+    prompts = [r.prompt_on_object for r in results if r.prompt_on_object is not None]
+    return FewShotSummary(
+        label=spec.label,
+        method=spec.method,
+        n_way=config.n_way,
+        k_shot=config.k_shot,
+        episodes=len(results),
+        acc=acc,
+        acc_ci95=acc_ci,
+        focus=focus,
+        focus_ci95=focus_ci,
+        area=float(np.mean(areas)) if areas else None,
+        prompt_on_object=float(np.mean(prompts)) if prompts else None,
+        seconds=float(sum(r.seconds for r in results)),
+        results=results,
+    )
+
+
+def evaluate_fewshot(
+    backbone: Backbone,
+    data: LabeledImages,
+    specs: Sequence[MethodSpec],
+    config: FewShotConfig | None = None,
+    *,
+    progress: Callable[[EpisodeResult], None] | None = None,
+    deadline: float | None = None,
+) -> dict[str, FewShotSummary]:
+    """Every method on the same episodes (paired), episode by episode; `deadline` (time.monotonic())
+    stops early, keeping what finished. Returns summaries by label."""
+    config = config or FewShotConfig()
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"Method labels must be unique: {labels}.")
+    results: dict[str, list[EpisodeResult]] = {s.label: [] for s in specs}
+    stream = episodes(data, config.n_way, config.k_shot, config.n_query, config.episodes, config.seed)
+    for index, episode in enumerate(stream):
+        active = [s for s in specs if s.episodes is None or index < s.episodes]
+        if not active or (deadline is not None and time.monotonic() > deadline):
+            break
+        cache = _EpisodeCache(backbone, episode, config)
+        for spec in active:
+            res = run_episode(backbone, spec, episode, index, config, cache)
+            results[spec.label].append(res)
+            if progress is not None:
+                progress(res)
+    return {s.label: summarise(s, config, results[s.label]) for s in specs}
+
+
+__all__ = [
+    "EpisodeResult",
+    "FewShotConfig",
+    "FewShotSummary",
+    "MethodSpec",
+    "evaluate_fewshot",
+    "mean_ci95",
+    "official_n_way",
+    "paired_difference",
+    "run_episode",
+    "score_queries",
+    "summarise",
+    "task_pool",
+]

@@ -1,0 +1,1032 @@
+"""Background tuning runs: a FIFO queue, worker threads, live progress, cancel, and a registry on disk.
+
+The app submits a `RunConfig`; a worker thread builds the data, trains through `train.train` and
+writes the run's record under `root/<run_id>/`, so a page only ever polls a cheap snapshot and a
+restarted app finds every run again. Nothing here imports Streamlit.
+
+Layout of one run on disk (every file written through a temp file + os.replace, nothing pickled):
+
+    config.json         the RunConfig
+    status.json         state, progress, final metrics, timings, memory, error + traceback
+    history.json        one entry per optimisation step (loss, lr, train_acc, val_* at evals)
+    snapshot.npy        latest CLS-attention grid of the fixed probe image (np.save, no pickle)
+    module.*            the final steering module (checkpoints.save_module) once the run is done
+    checkpoint_last.*   the module every `checkpoint_every` steps and at cancel, for `resume`
+
+Resuming continues from `checkpoint_last` with the remaining steps. The optimiser state (AdamW
+moments, SGD momentum) is not saved, so it restarts; the learning rate continues from where the
+schedule was (warmup remainder, then a cosine from there down to the same final lr).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toast_core.backbone import Backbone
+from toast_core.checkpoints import (
+    CheckpointError,
+    _atomic_write,
+    load_module,
+    paths_for,
+    read_card,
+    save_module,
+)
+from toast_core.data.base import LabeledImages
+from toast_core.methods import UnknownMethod, build_method, config_for, method_names
+from toast_core.methods.base import SteeringMethod
+from toast_core.train import TrainConfig, TrainResult, lr_at, train
+
+FORMAT = "toast-run"
+FORMAT_VERSION = 1
+
+STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+ACTIVE_STATES = frozenset({"queued", "running"})
+FINISHED_STATES = frozenset({"done", "failed", "cancelled", "interrupted"})
+RESUMABLE_STATES = frozenset({"interrupted", "cancelled", "failed"})
+
+CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
+HISTORY_FILE = "history.json"
+SNAPSHOT_FILE = "snapshot.npy"
+MODULE_STEM = "module"
+CHECKPOINT_STEM = "checkpoint_last"
+
+FOLDER_PREFIX = "folder:"
+EPISODE_PREFIX = "episode:"
+RUN_DEVICES = ("auto", "cpu", "cuda")
+#: TrainConfig fields a run sets from its own RunConfig fields (one place to set them)
+RUN_OWNED_TRAIN_FIELDS = ("device", "seed", "snapshot_every", "num_threads")
+
+
+class RunError(RuntimeError):
+    """A run-manager request that cannot be done (unknown run, wrong state, no backbone)."""
+
+
+# --- the run's configuration ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskRef:
+    """A parsed task string: a built-in scene task, an image folder, or an N-way K-shot episode of one."""
+
+    kind: str  # "builtin" | "folder" | "episode"
+    name: str = ""  # built-in task name (builtin, or the episode's base when built-in)
+    path: str = ""  # folder path (folder, or the episode's base when a folder)
+    n_way: int = 0
+    k_shot: int = 0
+    n_query: int = 0
+    index: int = 0
+
+
+def parse_task(task: str) -> TaskRef:
+    """Read a task string; raises ValueError saying which forms are accepted.
+
+    - `"stars"` / `"glyphs"`: a built-in scene task (`data.scenes.TASKS`);
+    - `"folder:<path>"`: an image folder (one subfolder per class, or `train/` + `val/` splits),
+      e.g. the folder an uploaded zip was imported into;
+    - `"episode:<n_way>:<k_shot>:<n_query>[:<index>]:<base>"`: one few-shot episode drawn from a
+      built-in task or a `folder:` base; support = training set, query = validation set.
+    """
+    if not isinstance(task, str) or not task.strip():
+        raise ValueError("task must be a non-empty string (a built-in task name, 'folder:<path>' or 'episode:...').")
+    task = task.strip()
+    if task.startswith(FOLDER_PREFIX):
+        path = task[len(FOLDER_PREFIX) :].strip()
+        if not path:
+            raise ValueError("A folder task needs a path: 'folder:<path to an image folder>'.")
+        return TaskRef("folder", path=path)
+    if task.startswith(EPISODE_PREFIX):
+        return _parse_episode(task)
+    from toast_core.data.scenes import TASKS
+
+    if task not in TASKS:
+        raise ValueError(
+            f"Unknown task '{task}'. Built-in tasks: {', '.join(TASKS)}; or use 'folder:<path>' or "
+            "'episode:<n_way>:<k_shot>:<n_query>[:<index>]:<base task>'."
+        )
+    return TaskRef("builtin", name=task)
+
+
+def _parse_episode(task: str) -> TaskRef:
+    parts = task[len(EPISODE_PREFIX) :].split(":")
+    numbers: list[int] = []
+    while parts and parts[0].strip().isdigit() and len(numbers) < 4:
+        numbers.append(int(parts.pop(0)))
+    base = ":".join(parts).strip()
+    if len(numbers) not in (3, 4) or not base:
+        raise ValueError(
+            f"Episode task '{task}' should read 'episode:<n_way>:<k_shot>:<n_query>[:<index>]:<base task>', "
+            "e.g. 'episode:5:5:10:stars' or 'episode:3:1:5:0:folder:/data/birds'."
+        )
+    n_way, k_shot, n_query = numbers[:3]
+    if min(n_way, k_shot, n_query) < 1:
+        raise ValueError(f"Episode task '{task}': n_way, k_shot and n_query must be at least 1.")
+    inner = parse_task(base)
+    if inner.kind == "episode":
+        raise ValueError(f"Episode task '{task}': the base must be a built-in task or a folder, not an episode.")
+    return TaskRef(
+        "episode", name=inner.name, path=inner.path, n_way=n_way, k_shot=k_shot, n_query=n_query,
+        index=numbers[3] if len(numbers) == 4 else 0,
+    )
+
+
+def _train_config(value: TrainConfig | dict[str, Any] | None) -> TrainConfig:
+    """A TrainConfig whose run-owned fields (device, seed, snapshot_every, num_threads) are left at their defaults."""
+    defaults = TrainConfig()
+    if value is None:
+        return defaults
+    if isinstance(value, TrainConfig):
+        for name in RUN_OWNED_TRAIN_FIELDS:
+            if getattr(value, name) != getattr(defaults, name):
+                raise ValueError(
+                    f"Set '{name}' on the RunConfig, not in its TrainConfig: the run decides it "
+                    f"(TrainConfig.{name}={getattr(value, name)!r})."
+                )
+        return dataclasses.replace(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"train must be a TrainConfig or a dict of its fields, got {type(value).__name__}.")
+    valid = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_OWNED_TRAIN_FIELDS]
+    owned = sorted(k for k in value if k in RUN_OWNED_TRAIN_FIELDS)
+    if owned:
+        raise ValueError(
+            f"Set {', '.join(repr(k) for k in owned)} on the RunConfig itself, not in 'train' "
+            "(the run owns device, seed, snapshot_every and the thread count)."
+        )
+    unknown = sorted(k for k in value if k not in valid)
+    if unknown:
+        raise ValueError(f"Unknown training setting(s): {', '.join(unknown)}. Valid settings: {', '.join(valid)}.")
+    return TrainConfig(**value)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs besides the shared backbone: method, task, data sizes and training.
+
+    `seed` seeds the method's initialisation and the training loop; `data_seed` picks the images,
+    so runs of different methods on one task see the same data. `probe_index` is the validation
+    image (training image when there is no validation set) whose attention is snapshotted every
+    `snapshot_every` steps; `checkpoint_every` saves the module for `resume` (0 = never).
+    For episode tasks the episode fixes the data sizes and `per_class` / `val_per_class` are unused.
+    """
+
+    method: str
+    task: str
+    method_config: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    per_class: int = 50
+    val_per_class: int = 10
+    train: TrainConfig | dict[str, Any] | None = None
+    device: str = "auto"
+    seed: int = 0
+    data_seed: int = 0
+    probe_index: int = 0
+    snapshot_every: int = 10
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.method not in method_names():
+            raise ValueError(f"Unknown steering method '{self.method}'. Known methods: {', '.join(method_names())}.")
+        if not isinstance(self.method_config, dict):
+            raise ValueError(f"method_config must be a dict of the method's settings, got {type(self.method_config).__name__}.")
+        try:
+            config_for(self.method, **self.method_config)
+        except UnknownMethod as exc:  # pragma: no cover - checked above
+            raise ValueError(str(exc)) from None
+        except TypeError as exc:
+            raise ValueError(f"The settings for method '{self.method}' do not fit: {exc}") from exc
+        parse_task(self.task)
+        if self.name is not None and not isinstance(self.name, str):
+            raise ValueError("name must be a string or None.")
+        for key, low in (("per_class", 1), ("val_per_class", 0), ("probe_index", 0), ("snapshot_every", 0), ("checkpoint_every", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key} must be an integer >= {low}; got {value!r}.")
+        for key in ("seed", "data_seed"):
+            if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), int):
+                raise ValueError(f"{key} must be an integer; got {getattr(self, key)!r}.")
+        device = str(self.device).lower()
+        base = device.split(":", 1)[0]
+        if base not in RUN_DEVICES or (":" in device and (base != "cuda" or not device.split(":", 1)[1].isdigit())):
+            raise ValueError(f"device must be one of auto, cpu, cuda or cuda:<index>; got {self.device!r}.")
+        self.device = device
+        self.train = _train_config(self.train)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        assert isinstance(self.train, TrainConfig)
+        return self.train
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"{self.method} on {self.task}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["method_config"] = copy.deepcopy(self.method_config)
+        out["train"] = {k: v for k, v in self.train_config.to_dict().items() if k not in RUN_OWNED_TRAIN_FIELDS}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in known)
+        if unknown:
+            raise ValueError(f"Unknown run setting(s): {', '.join(unknown)}. Valid settings: {', '.join(sorted(known))}.")
+        return cls(**copy.deepcopy(data))
+
+
+# --- the run's data -------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def _builtin_split(task: str, split: str, per_class: int, seed: int, size: int) -> LabeledImages:
+    """Built-in splits are pure functions of their arguments; re-runs on the same task reuse them."""
+    from toast_core.data.scenes import make_task_split
+
+    return make_task_split(task, split, per_class=per_class, seed=seed, size=size)
+
+
+def _load_folder(path: str, size: int, max_per_class: int | None = None) -> LabeledImages:
+    from toast_core.data.folder import load_image_folder  # lazy: image decoding stack
+
+    return load_image_folder(Path(path), size=size, max_images_per_class=max_per_class)
+
+
+def _split_per_class(data: LabeledImages, val_per_class: int, seed: int) -> tuple[LabeledImages, LabeledImages | None]:
+    """Hold out up to `val_per_class` images of each class (always leaving one for training)."""
+    if val_per_class <= 0:
+        return data, None
+    rng = np.random.default_rng(seed)
+    labels = data.labels.cpu().numpy()
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for c in range(data.num_classes):
+        idx = rng.permutation(np.flatnonzero(labels == c)).tolist()
+        take = min(val_per_class, max(0, len(idx) - 1))
+        val_idx += idx[:take]
+        train_idx += idx[take:]
+    return data.subset(sorted(train_idx)), (data.subset(sorted(val_idx)) if val_idx else None)
+
+
+def load_task_data(config: RunConfig, size: int) -> tuple[LabeledImages, LabeledImages | None]:
+    """(training set, validation set or None) for a run, rendered / resized to `size` px."""
+    ref = parse_task(config.task)
+    if ref.kind == "builtin":
+        train_set = _builtin_split(ref.name, "train", config.per_class, config.data_seed, size)
+        val_set = (
+            _builtin_split(ref.name, "val", config.val_per_class, config.data_seed, size)
+            if config.val_per_class > 0
+            else None
+        )
+        return train_set, val_set
+    if ref.kind == "folder":
+        root = Path(ref.path)
+        if (root / "train").is_dir():
+            train_set = _load_folder(str(root / "train"), size, config.per_class)
+            val_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+            val_set = (
+                _load_folder(str(val_dir), size, config.val_per_class)
+                if val_dir is not None and config.val_per_class > 0
+                else None
+            )
+            return train_set, val_set
+        everything = _load_folder(ref.path, size, config.per_class + config.val_per_class)
+        return _split_per_class(everything, config.val_per_class, config.data_seed)
+    from toast_core.data.episodes import sample_episode
+
+    need = ref.k_shot + ref.n_query
+    pool = (
+        _builtin_split(ref.name, "train", need, config.data_seed, size)
+        if ref.name
+        else _load_folder(ref.path, size)
+    )
+    episode = sample_episode(pool, ref.n_way, ref.k_shot, ref.n_query, (config.data_seed, ref.index))
+    return episode.support, episode.query
+
+
+# --- what readers see -----------------------------------------------------------------------------
+@dataclass
+class RunStatus:
+    """A copy of one run's record at one moment; safe to keep, change or hand to a page."""
+
+    run_id: str
+    name: str
+    state: str
+    method: str
+    task: str
+    step: int = 0
+    total: int = 0
+    epoch: float = 0.0
+    eta_s: float | None = None
+    device: str | None = None
+    amp: str | None = None
+    threads: int | None = None
+    peak_mb: float | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
+    created: float = 0.0
+    started: float | None = None
+    ended: float | None = None
+    updated: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    snapshot: np.ndarray | None = None
+    snapshot_step: int | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    traceback: str | None = None
+    checkpoint: str | None = None
+    checkpoint_last_step: int | None = None
+    resumed_from: int | None = None
+    segments: int = 0
+    cancel_requested_step: int | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    train_size: int | None = None
+    val_size: int | None = None
+    backbone: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    note: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+
+#: fields of RunStatus that live in their own files (history.json, snapshot.npy, config.json)
+_SEPARATE_FIELDS = ("history", "snapshot", "config")
+_STATUS_FIELDS = tuple(f.name for f in dataclasses.fields(RunStatus) if f.name not in _SEPARATE_FIELDS)
+
+
+def _clean(value: Any) -> Any:
+    """Plain JSON values (non-finite floats -> None), so memory and disk hold the same numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    return str(value)
+
+
+@dataclass
+class _Record:
+    """The live record of one run (owned by the manager, guarded by its lock)."""
+
+    status: RunStatus
+    config: RunConfig | None
+    target: str = "cpu"  # the device family / device this run is queued for
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    #: set once a finished state is on disk, so `wait` returns only when the files are final too
+    settled: threading.Event = field(default_factory=threading.Event)
+    io_lock: threading.Lock = field(default_factory=threading.Lock)
+    step_marks: deque = field(default_factory=lambda: deque(maxlen=21))
+    last_write: float = 0.0
+    resume_path: str | None = None
+    batch_size: int = 0
+
+    def snapshot(self, with_history: bool = True) -> RunStatus:
+        s = self.status
+        out = dataclasses.replace(s)
+        out.history = [dict(h) for h in s.history] if with_history else []
+        out.snapshot = None if s.snapshot is None else s.snapshot.copy()
+        for name in ("memory", "final", "timings", "backbone", "config"):
+            setattr(out, name, copy.deepcopy(getattr(s, name)))
+        out.class_names = None if s.class_names is None else list(s.class_names)
+        return out
+
+
+# --- disk -----------------------------------------------------------------------------------------
+def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=1, allow_nan=False)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+
+    _atomic_write(path, write)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _new_run_id(method: str) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{method}-{uuid.uuid4().hex[:6]}"
+
+
+def _resume_train_config(base: TrainConfig, offset: int) -> TrainConfig:
+    """The remaining steps of `base` after `offset` done: lr continues from the schedule's value there."""
+    remaining = max(0, base.steps - offset)
+    if offset <= 0:
+        return base
+    lr_now = max(lr_at(offset, base), base.lr * 1e-6)  # TrainConfig needs lr > 0
+    end_lr = base.min_lr * base.lr
+    return dataclasses.replace(
+        base,
+        steps=remaining,
+        lr=lr_now if base.warmup_steps <= offset else base.lr,
+        warmup_steps=max(0, base.warmup_steps - offset),
+        min_lr=min(1.0, end_lr / lr_now) if base.warmup_steps <= offset and lr_now > 0 else base.min_lr,
+    )
+
+
+# --- the callbacks a worker hands to train() ------------------------------------------------------
+class _Listener:
+    """train() callbacks: update the live record under the lock, write it out (throttled), checkpoint."""
+
+    def __init__(self, manager: RunManager, record: _Record, method: SteeringMethod, offset: int, n_train: int):
+        self.manager, self.record, self.method = manager, record, method
+        self.offset, self.n_train = offset, max(1, n_train)
+
+    def on_step(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        rec, now = self.record, time.perf_counter()
+        abs_step = self.offset + step
+        with self.manager._lock:
+            s = rec.status
+            rec.step_marks.append(now)
+            entry = _clean(metrics)
+            entry["step"] = abs_step
+            s.history.append(entry)
+            s.step = abs_step
+            s.epoch = abs_step * rec.batch_size / self.n_train
+            marks = list(rec.step_marks)
+            if len(marks) >= 2:
+                per_step = statistics.median(b - a for a, b in zip(marks, marks[1:]))
+                s.eta_s = per_step * max(0, s.total - abs_step)
+            s.updated = _now()
+        every = rec.config.checkpoint_every if rec.config else 0
+        if every and abs_step % every == 0 and abs_step < rec.status.total:
+            self.manager._save_checkpoint_last(rec, self.method, abs_step)
+        self.manager._persist(rec, force=False)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        abs_step = self.offset + step
+        with self.manager._lock:
+            for entry in reversed(self.record.status.history):
+                if entry.get("step") == abs_step:
+                    entry.update(_clean({k: v for k, v in metrics.items() if k != "step"}))
+                    break
+
+    def on_snapshot(self, step: int, attention: np.ndarray) -> None:
+        grid = np.asarray(attention, dtype=np.float32).copy()
+        with self.manager._lock:
+            self.record.status.snapshot = grid
+            self.record.status.snapshot_step = self.offset + step
+        self.manager._write_snapshot(self.record, grid)
+
+
+# --- the manager ----------------------------------------------------------------------------------
+class RunManager:
+    """Queue, workers and registry of tuning runs under `root` (one manager per root at a time).
+
+    Workers: `cpu_workers` CPU threads (each run gets max(1, cores // cpu_workers) torch threads, so
+    parallel runs do not oversubscribe the CPU; `cpu_threads` overrides that, e.g. 1 on a machine
+    shared with other jobs) and `gpu_workers_per_device` threads per visible CUDA device. A run goes to the first free worker of its device, in submission order.
+    The backbone is shared read-only; a run asking for another device than the backbone's gets a
+    copy of it on that device (made once, then reused).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] = "runs",
+        backbone: Backbone | None = None,
+        *,
+        cpu_workers: int = 1,
+        gpu_workers_per_device: int = 1,
+        cpu_threads: int | None = None,
+        status_interval_s: float = 0.5,
+    ):
+        if cpu_workers < 0 or gpu_workers_per_device < 0:
+            raise ValueError("cpu_workers and gpu_workers_per_device must be >= 0.")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.backbone = backbone
+        self.cpu_workers = cpu_workers
+        self.gpu_workers_per_device = gpu_workers_per_device
+        self.status_interval_s = status_interval_s
+        if cpu_threads is not None and cpu_threads < 1:
+            raise ValueError("cpu_threads must be >= 1 (or None for cores // cpu_workers).")
+        self.cpu_threads = cpu_threads or max(1, _cpu_cores() // max(1, cpu_workers))
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._records: dict[str, _Record] = {}
+        self._queue: deque[str] = deque()
+        self._closing = False
+        self._backbones: dict[str, Backbone] = {}
+        self._backbone_lock = threading.Lock()
+        self.unreadable: dict[str, str] = {}
+        self._load_registry()
+        self.worker_devices = ["cpu"] * cpu_workers
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                self.worker_devices += [f"cuda:{i}"] * gpu_workers_per_device
+        self._threads = [
+            threading.Thread(target=self._worker, args=(dev,), name=f"toast-run-{dev}-{n}", daemon=True)
+            for n, dev in enumerate(self.worker_devices)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def __enter__(self) -> RunManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # --- public API ---------------------------------------------------------------------------
+    def submit(self, config: RunConfig | dict[str, Any]) -> str:
+        """Queue a run and return its id; the config is checked here, the data in the worker."""
+        if isinstance(config, dict):
+            config = RunConfig.from_dict(config)
+        backbone = self._require_backbone()
+        target = self._target_device(config.device)
+        ref = parse_task(config.task)
+        if ref.path and not Path(ref.path).is_dir():
+            raise ValueError(f"Task folder '{ref.path}' does not exist (task '{config.task}').")
+        run_id = _new_run_id(config.method)
+        status = RunStatus(
+            run_id=run_id,
+            name=config.display_name,
+            state="queued",
+            method=config.method,
+            task=config.task,
+            total=config.train_config.steps,
+            created=_now(),
+            updated=_now(),
+            backbone={"name": backbone.name, "weights_hash": backbone.weights_hash},
+            config=_clean(config.to_dict()),
+        )
+        rec = _Record(status=status, config=config, target=target, batch_size=config.train_config.batch_size)
+        self.run_dir(run_id).mkdir(parents=True, exist_ok=False)
+        _write_json(self.run_dir(run_id) / CONFIG_FILE, status.config)
+        with self._cond:
+            if self._closing:
+                shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
+                raise RunError("This RunManager has been shut down; start a new one to submit runs.")
+            self._records[run_id] = rec
+            self._queue.append(run_id)
+        self._persist(rec, force=True)
+        with self._cond:
+            self._cond.notify_all()
+        return run_id
+
+    def status(self, run_id: str, *, history: bool = True) -> RunStatus:
+        """A deep copy of the run's record right now (cheap: readers never wait on a training step)."""
+        with self._lock:
+            return self._record(run_id).snapshot(with_history=history)
+
+    def list(self, *, history: bool = True) -> list[RunStatus]:
+        """Every run in this registry, oldest first."""
+        with self._lock:
+            records = sorted(self._records.values(), key=lambda r: (r.status.created, r.status.run_id))
+            return [r.snapshot(with_history=history) for r in records]
+
+    def cancel(self, run_id: str) -> bool:
+        """Stop a queued run now, or a running one before its next step; False if already finished."""
+        with self._cond:
+            rec = self._record(run_id)
+            state = rec.status.state
+            if state == "queued":
+                self._queue.remove(run_id)
+                rec.status.state, rec.status.ended = "cancelled", _now()
+                rec.status.cancel_requested_step = rec.status.step
+                rec.status.eta_s = None
+                self._cond.notify_all()
+            elif state == "running":
+                if rec.status.cancel_requested_step is None:
+                    rec.status.cancel_requested_step = rec.status.step
+                rec.cancel_event.set()
+            else:
+                return False
+        self._persist(rec, force=True)
+        if rec.status.state == "cancelled":
+            rec.settled.set()
+        return True
+
+    def wait(self, run_id: str, timeout: float | None = None) -> RunStatus:
+        """Block until the run has finished and its record is on disk; TimeoutError after `timeout` s."""
+        with self._lock:
+            settled = self._record(run_id).settled
+        if not settled.wait(timeout):
+            raise TimeoutError(f"Run '{run_id}' is still {self.status(run_id, history=False).state} after {timeout} s.")
+        return self.status(run_id)
+
+    def resume(self, run_id: str) -> str:
+        """Re-queue an interrupted (or cancelled / failed) run, from `checkpoint_last` when there is one."""
+        backbone = self._require_backbone()
+        with self._cond:
+            rec = self._record(run_id)
+            if rec.status.state not in RESUMABLE_STATES:
+                raise RunError(f"Run '{run_id}' is {rec.status.state}; only {', '.join(sorted(RESUMABLE_STATES))} runs can be resumed.")
+            if rec.config is None:
+                raise RunError(f"Run '{run_id}' has a config this library cannot read ({rec.status.note}); it cannot be resumed.")
+            saved_hash = rec.status.backbone.get("weights_hash")
+            if saved_hash and saved_hash != backbone.weights_hash:
+                raise RunError(
+                    f"Run '{run_id}' was trained on backbone '{rec.status.backbone.get('name')}' (hash {saved_hash}); "
+                    f"the manager's backbone is '{backbone.name}' (hash {backbone.weights_hash})."
+                )
+        offset, path, note = self._resume_point(run_id)
+        target = self._target_device(rec.config.device)
+        with self._cond:
+            if self._closing:
+                raise RunError("This RunManager has been shut down; start a new one to resume runs.")
+            s = rec.status
+            s.history = [h for h in s.history if h.get("step", 0) <= offset]
+            s.step, s.resumed_from, s.state = offset, offset, "queued"
+            s.error = s.error_kind = s.traceback = None
+            s.cancel_requested_step, s.ended, s.eta_s, s.note = None, None, None, note
+            s.epoch = offset * rec.batch_size / max(1, s.train_size or 1)
+            rec.resume_path, rec.target = path, target
+            rec.cancel_event, rec.settled = threading.Event(), threading.Event()
+            rec.step_marks.clear()
+            self._queue.append(run_id)
+            self._cond.notify_all()
+        self._persist(rec, force=True)
+        return run_id
+
+    def load_run_module(self, run_id: str) -> SteeringMethod:
+        """The trained steering module of a done run, on the manager's backbone (eval mode)."""
+        backbone = self._require_backbone()
+        with self._lock:
+            rec = self._record(run_id)
+            if rec.status.state != "done" or not rec.status.checkpoint:
+                raise RunError(f"Run '{run_id}' is {rec.status.state}; only done runs have a final module.")
+        return load_module(self.run_dir(run_id) / MODULE_STEM, backbone)
+
+    def delete(self, run_id: str) -> None:
+        """Remove a finished (or still queued) run and its files; a running run must be cancelled first."""
+        with self._cond:
+            rec = self._record(run_id)
+            if rec.status.state == "running":
+                raise RunError(f"Run '{run_id}' is running; cancel it and wait for it to stop before deleting.")
+            if rec.status.state == "queued":
+                self._queue.remove(run_id)
+            del self._records[run_id]
+            self._cond.notify_all()
+        rec.settled.set()
+        with rec.io_lock:
+            path = self.run_dir(run_id)
+            if path.resolve().parent == self.root.resolve():
+                shutil.rmtree(path, ignore_errors=True)
+
+    def shutdown(self, *, cancel: bool = True, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop the workers. `cancel`: cancel queued and running runs (else the queue drains first)."""
+        with self._cond:
+            self._closing = True
+            active = [r for r, rec in self._records.items() if rec.status.state in ACTIVE_STATES] if cancel else []
+            self._cond.notify_all()
+        for run_id in active:  # outside the lock: cancel() writes the record (io lock before state lock)
+            self.cancel(run_id)
+        if wait:
+            for t in self._threads:
+                t.join(timeout)
+
+    def run_dir(self, run_id: str) -> Path:
+        if not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
+            raise RunError(f"'{run_id}' is not a run id.")
+        return self.root / run_id
+
+    def get_config(self, run_id: str) -> RunConfig:
+        with self._lock:
+            rec = self._record(run_id)
+            if rec.config is None:
+                raise RunError(f"Run '{run_id}' has an unreadable config ({rec.status.note}).")
+            return RunConfig.from_dict(rec.config.to_dict())
+
+    # --- lookups ------------------------------------------------------------------------------
+    def _record(self, run_id: str) -> _Record:
+        rec = self._records.get(run_id)
+        if rec is None:
+            raise RunError(f"No run '{run_id}' in {self.root}.")
+        return rec
+
+    def _require_backbone(self) -> Backbone:
+        if self.backbone is None:
+            raise RunError("This RunManager was opened without a backbone; it can list runs but not train or load them.")
+        return self.backbone
+
+    def _target_device(self, device: str) -> str:
+        """Where a run will be queued: 'cpu', 'cuda' (any GPU) or 'cuda:<i>'; refuses what is not here."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() and self.gpu_workers_per_device > 0 else "cpu"
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"Device '{device}' was asked for but no CUDA GPU is visible to PyTorch.")
+            if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+                raise ValueError(f"Device '{device}' does not exist; {torch.cuda.device_count()} GPU(s) are visible.")
+            if self.gpu_workers_per_device == 0:
+                raise ValueError("This RunManager has no GPU workers (gpu_workers_per_device=0).")
+        elif self.cpu_workers == 0:
+            raise ValueError("This RunManager has no CPU workers (cpu_workers=0); choose device 'cuda'.")
+        return device
+
+    def _backbone_for(self, device: str) -> Backbone:
+        """The shared backbone on `device`: the given one where it lives, else a frozen copy made once."""
+        backbone = self._require_backbone()
+        if str(backbone.device) == device:
+            return backbone
+        with self._backbone_lock:
+            if device not in self._backbones:
+                model = copy.deepcopy(backbone.model).to(device).eval().requires_grad_(False)
+                self._backbones[device] = dataclasses.replace(backbone, model=model)
+            return self._backbones[device]
+
+    # --- the worker ---------------------------------------------------------------------------
+    def _take(self, device: str) -> _Record | None:
+        """The oldest queued run this worker may take (called under the lock)."""
+        for run_id in self._queue:
+            target = self._records[run_id].target
+            if target == device or (target == "cuda" and device.startswith("cuda")):
+                self._queue.remove(run_id)
+                return self._records[run_id]
+        return None
+
+    def _worker(self, device: str) -> None:
+        while True:
+            with self._cond:
+                rec = self._take(device)
+                while rec is None:
+                    if self._closing:
+                        return
+                    self._cond.wait()
+                    rec = self._take(device)
+                s = rec.status
+                s.state, s.device = "running", device
+                s.started = s.started or _now()
+                s.segments += 1
+                s.updated = _now()
+                if device == "cpu":
+                    s.threads = self.cpu_threads
+                self._cond.notify_all()
+            self._persist(rec, force=True)
+            self._execute(rec, device)
+
+    def _execute(self, rec: _Record, device: str) -> None:
+        """Run one segment; every failure ends in the record, never in the worker thread."""
+        try:
+            result, method, class_names = self._train(rec, device)
+            self._finish(rec, result, method, class_names)
+        except torch.cuda.OutOfMemoryError as exc:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            bs = rec.batch_size
+            self._fail(
+                rec,
+                f"CUDA out of memory on {device} at batch size {bs}: lower batch_size (or use the CPU) "
+                f"and resubmit. ({str(exc).splitlines()[0] if str(exc) else 'OutOfMemoryError'})",
+                "oom",
+            )
+        except Exception as exc:
+            self._fail(rec, f"{type(exc).__name__}: {exc}", "exception")
+
+    def _train(self, rec: _Record, device: str) -> tuple[TrainResult, SteeringMethod, list[str]]:
+        config = rec.config
+        assert config is not None
+        backbone = self._backbone_for(device)
+        train_set, val_set = load_task_data(config, int(backbone.layout.img_size[0]))
+        probe_pool = val_set if val_set is not None and len(val_set) else train_set
+        if config.probe_index >= len(probe_pool):
+            which = "validation" if probe_pool is val_set else "training"
+            raise ValueError(
+                f"probe_index {config.probe_index} is out of range: the {which} set has {len(probe_pool)} images."
+            )
+        method, offset = self._starting_module(rec, backbone, train_set.num_classes)
+        with self._lock:
+            s = rec.status
+            s.num_classes, s.class_names = train_set.num_classes, list(train_set.class_names)
+            s.train_size, s.val_size = len(train_set), (len(val_set) if val_set is not None else 0)
+        base = dataclasses.replace(
+            config.train_config,
+            device=device,
+            seed=config.seed + offset,
+            snapshot_every=config.snapshot_every,
+            num_threads=self.cpu_threads if device == "cpu" else None,
+        )
+        train_config = _resume_train_config(base, offset)
+        listener = _Listener(self, rec, method, offset, len(train_set))
+        result = train(
+            method,
+            train_set,
+            val_set,
+            train_config,
+            callbacks=listener,
+            probe_image=probe_pool.images[config.probe_index],
+            cancel=rec.cancel_event,
+        )
+        result.history = [dict(_clean(h), step=offset + int(h["step"])) for h in result.history]
+        return result, method, list(train_set.class_names)
+
+    def _starting_module(self, rec: _Record, backbone: Backbone, num_classes: int) -> tuple[SteeringMethod, int]:
+        """(module, steps already done): checkpoint_last when resuming from one, else a fresh module.
+
+        A checkpoint that no longer loads (e.g. the process died between its two files) restarts the
+        run from step 0, and the record's note says so.
+        """
+        config = rec.config
+        assert config is not None
+        if rec.resume_path:
+            try:
+                method = load_module(rec.resume_path, backbone)
+            except CheckpointError as exc:
+                with self._lock:
+                    rec.status.history, rec.status.step, rec.status.resumed_from = [], 0, 0
+                    rec.status.note = f"resumed from step 0 (checkpoint_last did not load: {exc})"
+                rec.resume_path = None
+            else:
+                if method.num_classes != num_classes:
+                    raise ValueError(f"The checkpoint has {method.num_classes} classes but the task now has {num_classes}.")
+                return method, rec.status.resumed_from or 0
+        return build_method(config.method, backbone, num_classes, config.method_config), 0
+
+    def _finish(self, rec: _Record, result: TrainResult, method: SteeringMethod, class_names: list[str]) -> None:
+        """Write the module (final, or checkpoint_last for a cancelled run) and the terminal record."""
+        offset = rec.status.resumed_from or 0
+        steps_done = offset + result.steps_done
+        card = None
+        if result.cancelled:
+            if result.steps_done > 0:
+                self._save_checkpoint_last(rec, method, steps_done)
+        else:
+            card = save_module(
+                method,
+                self.run_dir(rec.status.run_id) / MODULE_STEM,
+                task=rec.status.task,
+                metrics=_clean(result.final),
+                timings=_clean(result.timings),
+                extra={"class_names": class_names, "run_id": rec.status.run_id, "run_name": rec.status.name},
+            )
+            for path in paths_for(self.run_dir(rec.status.run_id) / CHECKPOINT_STEM):
+                path.unlink(missing_ok=True)
+        with self._cond:
+            s = rec.status
+            prior = [h for h in s.history if h.get("step", 0) <= offset]
+            s.history = prior + result.history
+            s.step = steps_done
+            s.final, s.timings, s.memory = _clean(result.final), _clean(result.timings), _clean(result.memory)
+            s.peak_mb, s.amp = s.memory.get("peak_mb"), result.amp
+            s.state = "cancelled" if result.cancelled else "done"
+            s.checkpoint = None if card is None else str(card.relative_to(self.root))
+            if card is not None:
+                s.checkpoint_last_step = None
+            s.ended = s.updated = _now()
+            s.eta_s = None
+            rec.resume_path = None
+            self._cond.notify_all()
+        self._persist(rec, force=True)
+        rec.settled.set()
+
+    def _fail(self, rec: _Record, message: str, kind: str) -> None:
+        with self._cond:
+            s = rec.status
+            s.state, s.error, s.error_kind = "failed", message, kind
+            s.traceback = traceback.format_exc()
+            s.ended = s.updated = _now()
+            s.eta_s = None
+            if kind == "oom":
+                s.memory = {**s.memory, "oom_batch_size": rec.batch_size}
+            self._cond.notify_all()
+        self._persist(rec, force=True)
+        rec.settled.set()
+
+    # --- writing the record -------------------------------------------------------------------
+    def _save_checkpoint_last(self, rec: _Record, method: SteeringMethod, steps_done: int) -> None:
+        save_module(
+            method,
+            self.run_dir(rec.status.run_id) / CHECKPOINT_STEM,
+            task=rec.status.task,
+            extra={"class_names": rec.status.class_names, "run_id": rec.status.run_id, "steps_done": steps_done},
+        )
+        with self._lock:
+            rec.status.checkpoint_last_step = steps_done
+
+    def _resume_point(self, run_id: str) -> tuple[int, str | None, str | None]:
+        """(steps already done, checkpoint stem or None, note) for resuming a run."""
+        stem = self.run_dir(run_id) / CHECKPOINT_STEM
+        if not all(p.is_file() for p in paths_for(stem)):
+            return 0, None, "resumed from step 0 (no checkpoint_last was saved)"
+        try:
+            steps = int(read_card(stem).get("extra", {}).get("steps_done", 0))
+        except (CheckpointError, ValueError, TypeError) as exc:
+            return 0, None, f"resumed from step 0 (checkpoint_last unreadable: {exc})"
+        return steps, str(stem), f"resumed from step {steps} (optimizer state restarted)"
+
+    def _write_snapshot(self, rec: _Record, grid: np.ndarray) -> None:
+        with rec.io_lock:
+            if rec.status.run_id in self._records:
+                _write_npy(self.run_dir(rec.status.run_id) / SNAPSHOT_FILE, grid)
+
+    def _persist(self, rec: _Record, *, force: bool) -> None:
+        """Write history.json then status.json (atomic each); unforced writes at most every status_interval_s."""
+        now = time.monotonic()
+        if not force and now - rec.last_write < self.status_interval_s:
+            return
+        with rec.io_lock:
+            with self._lock:
+                if rec.status.run_id not in self._records:
+                    return  # deleted meanwhile
+                rec.last_write = now
+                s = rec.status
+                history = [dict(h) for h in s.history]
+                if s.device and s.device.startswith("cuda") and s.state == "running":
+                    s.peak_mb = torch.cuda.max_memory_allocated(s.device) / 2**20
+                status = {name: copy.deepcopy(getattr(s, name)) for name in _STATUS_FIELDS}
+            status.update(format=FORMAT, format_version=FORMAT_VERSION, history_len=len(history))
+            folder = self.run_dir(s.run_id)
+            _write_json(folder / HISTORY_FILE, history)
+            _write_json(folder / STATUS_FILE, _clean(status))
+
+    # --- reading the registry -----------------------------------------------------------------
+    def _load_registry(self) -> None:
+        """Read every run folder; runs that were queued or running when their manager died become interrupted."""
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                rec = self._read_record(folder)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self.unreadable[folder.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            self._records[rec.status.run_id] = rec
+            if rec.status.state in ACTIVE_STATES:
+                rec.status.state = "interrupted"
+                rec.status.eta_s = None
+                rec.status.note = "interrupted: the app stopped while this run was queued or running"
+                self._persist(rec, force=True)
+            rec.settled.set()
+
+    def _read_record(self, folder: Path) -> _Record:
+        raw = _read_json(folder / STATUS_FILE)
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise ValueError(f"{STATUS_FILE} is not a run record (format '{FORMAT}').")
+        if raw.get("run_id") != folder.name:
+            raise ValueError(f"{STATUS_FILE} names run '{raw.get('run_id')}', not '{folder.name}'.")
+        fields = {k: raw[k] for k in _STATUS_FIELDS if k in raw}
+        status = RunStatus(**fields)
+        history_path = folder / HISTORY_FILE
+        status.history = _read_json(history_path) if history_path.is_file() else []
+        snap_path = folder / SNAPSHOT_FILE
+        if snap_path.is_file():
+            status.snapshot = np.load(snap_path, allow_pickle=False)
+        config_raw = _read_json(folder / CONFIG_FILE)
+        status.config = config_raw
+        try:
+            config: RunConfig | None = RunConfig.from_dict(config_raw)
+        except (ValueError, TypeError) as exc:
+            config, status.note = None, f"config unreadable here: {exc}"
+        rec = _Record(status=status, config=config)
+        if config is not None:
+            rec.batch_size = config.train_config.batch_size
+        return rec
+
+
+__all__ = [
+    "ACTIVE_STATES",
+    "FINISHED_STATES",
+    "STATES",
+    "RunConfig",
+    "RunError",
+    "RunManager",
+    "RunStatus",
+    "TaskRef",
+    "load_task_data",
+    "parse_task",
+]
