@@ -21,15 +21,18 @@ TOAST-Lite (two passes each) when they are added to METHODS. `--steps-scale` str
 
 from __future__ import annotations
 
-import argparse
-import re
-import sys
 import time
-from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
+T_PROCESS = time.perf_counter()  # minutes in the RESULT line include start-up and imports
+
+import argparse  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -217,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in method_names()]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(method_names())}")
-    t_start = time.perf_counter()
     backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded", device=args.device)
     tasks = list(TASK_NAMES) if args.task == "all" else [args.task]
     tables: dict[str, str] = {}
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         best.append(f"{task}:{top['method']}:{top['test_acc']:.3f}")
         print(f"\n### task: {task}\n\n{tables[task]}\n", flush=True)
 
-    minutes = (time.perf_counter() - t_start) / 60.0
+    minutes = (time.perf_counter() - T_PROCESS) / 60.0
     device = str(backbone.device)
     notes = [
         f"backbone: {backbone.name} (hash {backbone.weights_hash}), device {device}, "

@@ -673,3 +673,149 @@ def benchmark_rows(manager: RunManager, backbone: Backbone, with_focus: bool = T
             "this backbone": own,
         })
     return rows
+
+
+# --- backbones page --------------------------------------------------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def save_weights_upload(data: bytes, name: str) -> Path:
+    """Store an uploaded weights file under the runs root (content-addressed) so timm can read it by
+    path; nothing is unpickled here (the backbone loader reads safetensors or weights_only tensors)."""
+    suffix = Path(name).suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise BackboneError(f"'{name}' is not a weights file: use {', '.join(WEIGHT_SUFFIXES)}.")
+    if len(data) > MAX_WEIGHTS_MB * 1024 * 1024:
+        raise BackboneError(f"'{name}' is {len(data) / 2**20:.0f} MB, over the {MAX_WEIGHTS_MB} MB upload limit; "
+                            "give its path on this machine instead.")
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    folder = runs_root() / BACKBONE_FILES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{digest}{suffix}"
+    if not path.is_file():
+        tmp = path.with_suffix(path.suffix + ".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+def try_backbone(spec: BackboneSpec) -> tuple[Backbone | None, str | None]:
+    """Load (and cache) a backbone; (backbone, None) or (None, the reason it failed)."""
+    try:
+        return shared_backbone(spec), None
+    except BackboneError as exc:
+        return None, str(exc)
+    except (OSError, RuntimeError, ValueError) as exc:  # anything else the loader could not phrase
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def active_runs(spec: BackboneSpec | None = None) -> list[RunStatus]:
+    """Queued or running runs of this session's manager (switching backbone would orphan them)."""
+    try:
+        manager = run_manager(spec)
+    except BackboneError:
+        return []
+    return [r for r in manager.list(history=False) if r.state in ("queued", "running")]
+
+
+# --- few-shot page -------------------------------------------------------------------------------
+#: base tuning methods that FORT composes with, and a starting learning rate for each (editable)
+FORT_BASES: dict[str, float] = {"full": 1e-4, "lora": 1e-3, "bitfit": 1e-3}
+
+
+@st.cache_data(show_spinner="Drawing the episode…", max_entries=16)
+def fewshot_episode(source: str, n_way: int, k_shot: int, n_query: int, index: int, size: int) -> Any:
+    """One N-way K-shot episode from a built-in task (test split, with masks) or an imported folder."""
+    from toast_core.data.episodes import sample_episode
+    from toast_core.fewshot import task_pool
+
+    if source.startswith("folder:"):
+        from toast_core.data.folder import load_image_folder
+
+        root = Path(source.removeprefix("folder:"))
+        pool = load_image_folder(root / "train" if (root / "train").is_dir() else root, size=size)
+    else:
+        pool = task_pool(source, per_class=k_shot + n_query, seed=0, split="test")
+    return sample_episode(pool, n_way, k_shot, n_query, (0, index))
+
+
+def _reference(backbone: Backbone, n_way: int) -> SteeringMethod:
+    """The frozen forward with an n_way head: what FORT's importance is computed on before tuning."""
+    return build_method("linear", backbone, n_way)
+
+
+@st.cache_data(show_spinner="Computing position prompts…", max_entries=64)
+def _importance(backbone_key: tuple[str, str, str], episode_key: str, lam: float, head_agg: str,
+                keep_top: float, _episode: Any) -> np.ndarray:
+    from toast_core.methods.fort import position_importance
+    from toast_core.train import prepare_batch
+
+    backbone = _cached_backbone(backbone_key)
+    ref = _reference(backbone, len(_episode.support.class_names))
+    x = prepare_batch(ref, _episode.support.images)
+    imp = position_importance(ref, x, _episode.support.labels, lam=lam, head_agg=head_agg, keep_top=keep_top)
+    return imp.detach().cpu().numpy()
+
+
+def position_prompts(backbone: Backbone, episode: Any, episode_key: str, lam: float, prompt_patches: int,
+                     head_agg: str, weights: str, keep_top: float = 0.1) -> dict[str, Any]:
+    """FORT's importance (S, gh, gw) and position prompts (S, gh, gw) of every support image, and the
+    share of each prompt's mass on the deciding object when the data has masks."""
+    from toast_core.attention import focus_share
+    from toast_core.methods.fort import prompt_targets
+
+    imp = _importance(active_spec().key, episode_key, float(lam), head_agg, float(keep_top), episode)
+    targets = prompt_targets(torch.from_numpy(imp), int(prompt_patches), weights).reshape(imp.shape).numpy()
+    masks = episode.support.masks
+    on_object = None if masks is None else np.atleast_1d(focus_share(targets, masks)).astype(float)
+    return {"importance": imp, "prompts": targets, "on_object": on_object}
+
+
+@dataclass
+class EpisodeRun:
+    """One tuned module on one episode: query accuracy/focus and its query attention."""
+
+    label: str
+    method: str
+    acc: float
+    focus: float | None
+    area: float | None
+    seconds: float
+    view: AttentionView  # last-layer head-mean CLS attention of every query image
+    prompt_on_object: float | None = None
+
+
+def tune_on_episode(backbone: Backbone, episode: Any, base: str, steps: int, lr: float, fort: dict[str, Any],
+                    seed: int = 0) -> list[EpisodeRun]:
+    """Fine-tune `base` and `fort_<base>` on the support set exactly as `fewshot.run_episode` does
+    (ridge head init, shared importance, batch = n_way, constant lr) and keep the tuned modules' query
+    attention. Uses fewshot's episode cache so both runs share features, head and importance."""
+    import time as _time
+
+    from toast_core import fewshot
+    from toast_core.attention import cls_view
+    from toast_core.methods.fort import FortMixin, ridge_head, support_features
+    from toast_core.train import TrainConfig, prepare_batch, train
+
+    n_way = len(episode.support.class_names)
+    config = fewshot.FewShotConfig(n_way=n_way, k_shot=max(1, len(episode.support) // n_way),
+                                   n_query=max(1, len(episode.query) // n_way), episodes=1, steps=steps,
+                                   seed=seed, device="auto")
+    cache = fewshot._EpisodeCache(backbone, episode, config)
+    out = []
+    for label, name, cfg in ((f"{base}", base, {}), (f"{base} + FORT", f"fort_{base}", dict(fort))):
+        t0 = _time.perf_counter()
+        method = build_method(name, backbone, n_way, cfg)
+        shared = cache.same_start(method)
+        w, b = cache.head if shared else ridge_head(support_features(method, cache.x), cache.labels, n_way,
+                                                    config.ridge_lam)
+        fewshot._set_head(method, w, b)
+        on_object = fewshot._prepare_fort(method, cache, shared) if isinstance(method, FortMixin) else None
+        tc = TrainConfig(steps=steps, batch_size=n_way, lr=lr, weight_decay=config.weight_decay, min_lr=1.0,
+                         grad_clip=None, seed=seed)
+        if steps > 0:
+            train(method, episode.support, None, tc)
+        acc, focus, area = fewshot.score_queries(method, episode.query)
+        view = cls_view(method, prepare_batch(method, episode.query.images), layer=-1, head="mean")
+        out.append(EpisodeRun(label, name, acc, focus, area, _time.perf_counter() - t0, view, on_object))
+    return out

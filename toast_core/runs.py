@@ -406,6 +406,10 @@ class _Record:
     io_lock: threading.Lock = field(default_factory=threading.Lock)
     step_marks: deque = field(default_factory=lambda: deque(maxlen=21))
     last_write: float = 0.0
+    #: change counters, so a write skips history.json / snapshot.npy when they have not changed
+    history_rev: int = 0
+    snapshot_rev: int = 0
+    written_revs: tuple[int, int] = (0, 0)
     resume_path: str | None = None
     batch_size: int = 0
 
@@ -487,6 +491,7 @@ class _Listener:
             entry = _clean(metrics)
             entry["step"] = abs_step
             s.history.append(entry)
+            rec.history_rev += 1
             s.step = abs_step
             s.epoch = abs_step * rec.batch_size / self.n_train
             marks = list(rec.step_marks)
@@ -505,6 +510,7 @@ class _Listener:
             for entry in reversed(self.record.status.history):
                 if entry.get("step") == abs_step:
                     entry.update(_clean({k: v for k, v in metrics.items() if k != "step"}))
+                    self.record.history_rev += 1
                     break
 
     def on_snapshot(self, step: int, attention: np.ndarray) -> None:
@@ -512,7 +518,8 @@ class _Listener:
         with self.manager._lock:
             self.record.status.snapshot = grid
             self.record.status.snapshot_step = self.offset + step
-        self.manager._write_snapshot(self.record, grid)
+            self.record.snapshot_rev += 1
+        self.manager._persist(self.record, force=False)
 
 
 # --- the manager ----------------------------------------------------------------------------------
@@ -596,7 +603,9 @@ class RunManager:
             backbone={"name": backbone.name, "weights_hash": backbone.weights_hash},
             config=_clean(config.to_dict()),
         )
-        rec = _Record(status=status, config=config, target=target, batch_size=config.train_config.batch_size)
+        rec = _Record(
+            status=status, config=config, target=target, batch_size=config.train_config.batch_size, history_rev=1
+        )
         self.run_dir(run_id).mkdir(parents=True, exist_ok=False)
         _write_json(self.run_dir(run_id) / CONFIG_FILE, status.config)
         with self._cond:
@@ -673,6 +682,7 @@ class RunManager:
                 raise RunError("This RunManager has been shut down; start a new one to resume runs.")
             s = rec.status
             s.history = [h for h in s.history if h.get("step", 0) <= offset]
+            rec.history_rev += 1
             s.step, s.resumed_from, s.state = offset, offset, "queued"
             s.error = s.error_kind = s.traceback = None
             s.cancel_requested_step, s.ended, s.eta_s, s.note = None, None, None, note
@@ -871,6 +881,7 @@ class RunManager:
             except CheckpointError as exc:
                 with self._lock:
                     rec.status.history, rec.status.step, rec.status.resumed_from = [], 0, 0
+                    rec.history_rev += 1
                     rec.status.note = f"resumed from step 0 (checkpoint_last did not load: {exc})"
                 rec.resume_path = None
             else:
@@ -902,6 +913,7 @@ class RunManager:
             s = rec.status
             prior = [h for h in s.history if h.get("step", 0) <= offset]
             s.history = prior + result.history
+            rec.history_rev += 1
             s.step = steps_done
             s.final, s.timings, s.memory = _clean(result.final), _clean(result.timings), _clean(result.memory)
             s.peak_mb, s.amp = s.memory.get("peak_mb"), result.amp
@@ -951,13 +963,12 @@ class RunManager:
             return 0, None, f"resumed from step 0 (checkpoint_last unreadable: {exc})"
         return steps, str(stem), f"resumed from step {steps} (optimizer state restarted)"
 
-    def _write_snapshot(self, rec: _Record, grid: np.ndarray) -> None:
-        with rec.io_lock:
-            if rec.status.run_id in self._records:
-                _write_npy(self.run_dir(rec.status.run_id) / SNAPSHOT_FILE, grid)
-
     def _persist(self, rec: _Record, *, force: bool) -> None:
-        """Write history.json then status.json (atomic each); unforced writes at most every status_interval_s."""
+        """Write history.json, snapshot.npy (when changed) then status.json, each atomically.
+
+        Unforced writes (progress) happen at most every `status_interval_s`; state changes force one.
+        The io lock orders writes, the state lock is held only to copy, so readers never wait on disk.
+        """
         now = time.monotonic()
         if not force and now - rec.last_write < self.status_interval_s:
             return
@@ -967,14 +978,21 @@ class RunManager:
                     return  # deleted meanwhile
                 rec.last_write = now
                 s = rec.status
-                history = [dict(h) for h in s.history]
+                revs = (rec.history_rev, rec.snapshot_rev)
+                history = [dict(h) for h in s.history] if revs[0] != rec.written_revs[0] else None
+                snapshot = s.snapshot if revs[1] != rec.written_revs[1] else None
+                history_len = len(s.history)
                 if s.device and s.device.startswith("cuda") and s.state == "running":
                     s.peak_mb = torch.cuda.max_memory_allocated(s.device) / 2**20
                 status = {name: copy.deepcopy(getattr(s, name)) for name in _STATUS_FIELDS}
-            status.update(format=FORMAT, format_version=FORMAT_VERSION, history_len=len(history))
+            status.update(format=FORMAT, format_version=FORMAT_VERSION, history_len=history_len)
             folder = self.run_dir(s.run_id)
-            _write_json(folder / HISTORY_FILE, history)
+            if history is not None:
+                _write_json(folder / HISTORY_FILE, history)
+            if snapshot is not None:
+                _write_npy(folder / SNAPSHOT_FILE, snapshot)
             _write_json(folder / STATUS_FILE, _clean(status))
+            rec.written_revs = revs
 
     # --- reading the registry -----------------------------------------------------------------
     def _load_registry(self) -> None:

@@ -362,6 +362,7 @@ class _Loop:
         self.history: list[dict[str, float]] = []
         self.step_times: list[float] = []
         self.step_images: list[int] = []
+        self.last_val: dict[str, float] = {}
         if self.is_cuda:
             torch.cuda.reset_peak_memory_stats(device)
             self.mem_start = torch.cuda.memory_allocated(device)
@@ -430,7 +431,10 @@ class _Loop:
 
     def evaluate(self, step: int, entry: dict[str, float] | None) -> dict[str, float]:
         metrics = evaluate(self.method, self.val_data, self.config.eval_batch_size, cancel=self.cancel)  # type: ignore[arg-type]
+        if self.cancel is not None and self.cancel.is_set():
+            return {}  # a partial pass over the validation set is not a metric
         val = {"val_acc": metrics["acc"], "val_loss": metrics["loss"]}
+        self.last_val = val
         if entry is not None:
             entry.update(val)
         _emit(self.cbs, "on_eval", step, {"step": step, **val})
@@ -465,7 +469,7 @@ class _Loop:
             tail = self.history[-min(10, len(self.history)) :]
             out["train_loss"] = float(np.mean([h["loss"] for h in tail]))
             out["train_acc"] = float(np.mean([h["train_acc"] for h in tail]))
-            out.update({k: self.history[-1][k] for k in ("val_acc", "val_loss") if k in self.history[-1]})
+        out.update(self.last_val)
         return out
 
     def timings(self, eval_s: float, total_s: float) -> dict[str, float]:

@@ -24,11 +24,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from toast_core.data.base import LabeledImages
 
-DATA_VERSION = "scenes-v1"
+DATA_VERSION = "scenes-v2"
 DEFAULT_SIZE = 96
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
-SHAPES = ("circle", "square", "triangle", "pentagon", "hexagon", "cross", "ring", "crescent", "arrow", "half-disc")
+SHAPES = ("circle", "square", "triangle", "heart", "bar", "cross", "ring", "crescent", "arrow", "half-disc")
 LETTERS = ("A", "E", "F", "H", "K", "M", "R", "X")
 SOURCE_CLASSES: tuple[str, ...] = SHAPES + tuple(f"letter-{c}" for c in LETTERS)
 
@@ -51,7 +51,7 @@ class TaskSpec:
     classes: tuple[str, ...]
     description: str
     distractors: tuple[int, int] = (2, 4)
-    size_range: tuple[float, float] = (0.25, 0.36)
+    size_range: tuple[float, float] = (0.3, 0.42)
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -157,10 +157,13 @@ def _polygon(kind: str, r: float) -> list[np.ndarray]:
         return [_regular(4, r * 1.05, -math.pi / 4)]
     if kind == "triangle":
         return [_regular(3, r * 1.1) + np.array([0.0, r * 0.15])]
-    if kind == "pentagon":
-        return [_regular(5, r)]
-    if kind == "hexagon":
-        return [_regular(6, r, 0.0)]
+    if kind == "heart":
+        t = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        return [np.stack([x, y + 2], axis=1) * (r / 17)]
+    if kind == "bar":
+        return [np.array([[-r, -0.3 * r], [r, -0.3 * r], [r, 0.3 * r], [-r, 0.3 * r]])]
     if kind == "cross":
         w = r * 0.36
         return [
@@ -319,9 +322,9 @@ def _rng(seed: int, split: str, stream: int, index: int) -> np.random.Generator:
 def source_scene(seed: int, split: str, index: int, size: int = DEFAULT_SIZE) -> tuple[Scene, np.ndarray]:
     """A multi-object source scene and its multi-hot target over SOURCE_CLASSES."""
     rng = _rng(seed, split, 0, index)
-    n = int(rng.integers(1, 5))
+    n = int(rng.integers(1, 4))
     kinds = [SOURCE_CLASSES[int(c)] for c in rng.integers(0, len(SOURCE_CLASSES), n)]
-    diameters = [float(rng.uniform(0.2, 0.38) * size) for _ in kinds]
+    diameters = [float(rng.uniform(0.26, 0.5) * size) for _ in kinds]
     scene = render_scene(rng, kinds, diameters, size)
     target = np.zeros(len(SOURCE_CLASSES), np.float32)
     for kind, vis in zip(scene.classes, scene.visible, strict=True):
@@ -358,7 +361,7 @@ def task_scene(task: str, seed: int, split: str, index: int, label: int, size: i
     rng = _rng(seed, split, 1 + list(TASKS).index(task), index)
     n_dis = int(rng.integers(spec.distractors[0], spec.distractors[1] + 1))
     kinds = [SOURCE_CLASSES[int(c)] for c in rng.integers(0, len(SOURCE_CLASSES), n_dis)]
-    diameters = [float(rng.uniform(0.18, 0.3) * size) for _ in kinds]
+    diameters = [float(rng.uniform(0.22, 0.34) * size) for _ in kinds]
     slot = int(rng.integers(0, n_dis + 1))
     kinds.insert(slot, spec.classes[label])
     diameters.insert(slot, float(rng.uniform(*spec.size_range) * size))

@@ -56,8 +56,8 @@ PROMPT_WEIGHTS = ("importance", "uniform")
 TARGET_MASS = ("P", "unit")
 IMPORTANCE_HEADS = ("ridge", "own")
 HEAD_AGGS = ("min", "mean")
-#: the official P is 14 of 196 patches (ViT-B/16 at 224 px)
-PROMPT_SHARE = 14 / 196
+#: P as a share of the patches (official: 14 of 196 on ViT-B/16 at 224 px, ~7%)
+PROMPT_SHARE = 0.07
 #: a batch row counts as a support image when it matches a stored input this closely (max |Δ|)
 MATCH_TOL = 1e-4
 

@@ -1,7 +1,8 @@
 """Full fine-tune: a per-run deep copy of the backbone's ViT, every weight trainable.
 
 The copy is this module's own submodule, so it is saved in the checkpoint and moved with the
-method, while the shared frozen backbone is never touched.
+method, while the shared frozen backbone is never touched. In training mode the copy uses the
+backbone's own dropout / drop-path settings (the frozen backbone always runs in eval mode).
 """
 
 from __future__ import annotations

@@ -1,0 +1,84 @@
+"""Benchmark: every run in the registry — accuracy, trainable share, speed, focus — with filters and plots."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from toast_core import app_state as S
+
+
+def filtered(df: pd.DataFrame) -> pd.DataFrame:
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
+    methods = c1.multiselect("Methods", sorted(df["method"].unique()), key="bm_methods", placeholder="all")
+    tasks = c2.multiselect("Tasks", sorted(df["task"].unique()), key="bm_tasks", placeholder="all")
+    states = c3.multiselect("States", sorted(df["state"].unique()), default=["done"] if "done" in set(df["state"]) else [],
+                            key="bm_states", placeholder="all")
+    own = c4.toggle("This backbone only", value=True, key="bm_own")
+    keep = pd.Series(True, index=df.index)
+    if methods:
+        keep &= df["method"].isin(methods)
+    if tasks:
+        keep &= df["task"].isin(tasks)
+    if states:
+        keep &= df["state"].isin(states)
+    if own:
+        keep &= df["this backbone"]
+    return df[keep]
+
+
+def plots(df: pd.DataFrame) -> None:
+    done = df[df["val acc"].notna()]
+    if done.empty:
+        st.info("No finished run with a validation accuracy matches the filters.")
+        return
+    c1, c2 = st.columns(2)
+    with c1:
+        with_share = done[done["trainable %"].notna() & (done["trainable %"] > 0)]
+        if not with_share.empty:
+            fig = px.scatter(with_share, x="trainable %", y="val acc", color="method", hover_name="run",
+                             log_x=True, title="Accuracy vs trainable parameters")
+            fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
+            st.plotly_chart(fig, key="bm_share")
+    with c2:
+        with_focus = done[done["focus ratio"].notna()]
+        if with_focus.empty:
+            st.info("Focus is measured on built-in tasks only (their scenes have ground-truth masks).")
+        else:
+            fig = px.scatter(with_focus, x="focus ratio", y="val acc", color="method", hover_name="run",
+                             title="Focus on the deciding object vs accuracy")
+            fig.add_vline(x=1.0, line_dash="dot", annotation_text="chance")
+            fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
+            st.plotly_chart(fig, key="bm_focus")
+
+
+def main() -> None:
+    st.title("Benchmark")
+    backbone = S.require_backbone()
+    manager = S.run_manager()
+    with_focus = st.toggle("Measure focus (last-layer CLS attention on the deciding object, "
+                           f"{S.FOCUS_IMAGES} built-in test scenes per run)", value=True, key="bm_focus_on")
+    rows = S.benchmark_rows(manager, backbone, with_focus=with_focus)
+    if not rows:
+        st.info("No runs in the registry yet: train some in the Tuning Lab.")
+        return
+    df = filtered(pd.DataFrame(rows))
+    st.dataframe(
+        df.drop(columns=["run_id", "this backbone"]),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "val acc": st.column_config.NumberColumn(format="%.3f"),
+            "train acc": st.column_config.NumberColumn(format="%.3f"),
+            "trainable %": st.column_config.NumberColumn(format="%.3f"),
+            "ms / image (train)": st.column_config.NumberColumn(format="%.2f"),
+            "focus ratio": st.column_config.NumberColumn(format="%.2f", help="1 = chance (the area share)"),
+        },
+    )
+    st.download_button("Download CSV", df.to_csv(index=False).encode(), file_name="benchmark.csv",
+                       mime="text/csv", key="bm_csv")
+    plots(df)
+
+
+main()

@@ -1,0 +1,154 @@
+"""Few-shot (FORT): position prompts of a support set, and fine-tuning with vs without them."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from toast_core import app_state as S
+from toast_core.data.folder import ImageFolderError
+from toast_core.data.scenes import TASKS
+from toast_core.data.zip_import import ZipImportError
+from toast_core.methods.fort import HEAD_AGGS, PROMPT_WEIGHTS, default_prompt_patches
+from toast_core.viz import overlay, overlays
+
+SOURCES = ("Built-in task", "Uploaded zip of class folders")
+
+
+def pick_episode(size: int):
+    source = st.radio("Support set from", SOURCES, key="fs_source", horizontal=True)
+    if source == SOURCES[0]:
+        task = st.selectbox("Task", list(TASKS), key="fs_task")
+        base = task
+        n_classes = len(TASKS[task].classes)
+    else:
+        upload = st.file_uploader(f"A zip with one folder per class (up to {S.MAX_ZIP_MB} MB)", type=["zip"],
+                                  key="fs_zip", max_upload_size=S.MAX_ZIP_MB)
+        path = st.session_state.get("tl_dataset")
+        if upload is not None:
+            try:
+                path = str(S.import_dataset_zip(upload.getvalue(), upload.name))
+                st.session_state["tl_dataset"] = path
+            except (ZipImportError, ImageFolderError) as exc:
+                st.error(f"This zip cannot be used: {exc}")
+                return None, None
+        if not path:
+            st.info("Upload a zip of class folders (or import one in the Tuning Lab).")
+            return None, None
+        base = f"folder:{path}"
+        n_classes = len(S.dataset_summary(path, size)["classes"])
+    cols = st.columns(4)
+    n_way = cols[0].number_input("N-way", 2, max(2, n_classes), min(5, n_classes), key="fs_way")
+    k_shot = cols[1].number_input("K-shot", 1, 20, 1, key="fs_shot")
+    n_query = cols[2].number_input("Queries per class", 1, 30, 2, key="fs_query")
+    index = cols[3].number_input("Episode", 0, 10_000, 0, key="fs_index")
+    key = f"{base}|{n_way}|{k_shot}|{n_query}|{index}"
+    try:
+        episode = S.fewshot_episode(base, int(n_way), int(k_shot), int(n_query), int(index), size)
+    except (ValueError, ImageFolderError) as exc:
+        st.error(f"No episode of that shape: {exc}")
+        return None, None
+    return episode, key
+
+
+def rgb(images, i: int) -> np.ndarray:
+    return images[i].permute(1, 2, 0).numpy()
+
+
+def show_prompts(backbone, episode, key: str) -> dict:
+    st.subheader("Position prompts")
+    st.write("FORT marks each support image's key patches before tuning: gradient-weighted attention rollout "
+             "(λ weighs the gradient term), top-P patches, heads aggregated by min (code) or mean (paper).")
+    n_patches = backbone.layout.num_patches
+    cols = st.columns(4)
+    lam = cols[0].slider("λ (gradient weight)", 0.0, 5.0, 1.0, 0.25, key="fs_lam")
+    p = cols[1].slider("P (patches per prompt)", 1, n_patches, default_prompt_patches(n_patches), key="fs_p")
+    head_agg = cols[2].selectbox("Head aggregation", HEAD_AGGS, key="fs_head_agg")
+    weights = cols[3].selectbox("Prompt weights", PROMPT_WEIGHTS, key="fs_weights")
+    res = S.position_prompts(backbone, episode, key, lam, p, head_agg, weights)
+    support = episode.support
+    names = support.class_names
+    per_row = 5
+    for start in range(0, len(support), per_row):
+        row = st.columns(per_row)
+        for col, i in zip(row, range(start, min(start + per_row, len(support)))):
+            image = rgb(support.images, i)
+            imp_tile, prompt_tile = overlays(image, [res["importance"][i], res["prompts"][i]], per_map=True)
+            on = res["on_object"]
+            with col:
+                st.image(image, caption=f"{names[int(support.labels[i])]}", width="stretch")
+                st.image(imp_tile, caption="importance", width="stretch")
+                st.image(prompt_tile, caption="prompt (top P)" + (f" · {on[i]:.0%} on object" if on is not None else ""),
+                         width="stretch")
+    if res["on_object"] is not None:
+        st.caption(f"Mean share of prompt mass on the deciding object: {float(np.mean(res['on_object'])):.1%} "
+                   f"(P = {p} of {n_patches} patches).")
+    with st.expander("How λ and head aggregation change the first support image's prompt"):
+        image = rgb(support.images, 0)
+        cells = []
+        for agg in HEAD_AGGS:
+            for lam_v in (0.0, lam):
+                r = S.position_prompts(backbone, episode, key, lam_v, p, agg, weights)
+                cells.append((f"{agg}, λ={lam_v:g}", r["prompts"][0]))
+        cols = st.columns(len(cells))
+        for col, (title, m) in zip(cols, cells):
+            col.image(overlay(image, m / max(float(m.max()), 1e-12)), caption=title, width="stretch")
+    return {"lam": lam, "prompt_patches": p, "head_agg": head_agg, "prompt_weights": weights}
+
+
+def show_runs(backbone, episode, key: str, prompt: dict) -> None:
+    st.subheader("Fine-tune with and without FORT")
+    cols = st.columns(4)
+    bases = list(S.FORT_BASES)
+    base = cols[0].selectbox("Tuning", bases, key="fs_base")
+    steps = cols[1].number_input("Steps", 0, 500, 5 * max(1, len(episode.support) // len(episode.support.class_names)),
+                                 key="fs_steps")
+    lr = cols[2].number_input("Learning rate", 1e-6, 1.0, S.FORT_BASES[base], format="%g", key=f"fs_lr_{base}")
+    from toast_core.methods import config_for
+
+    alpha = cols[3].number_input("α (FORT loss weight)", 0.0, 100.0, float(config_for(f"fort_{base}").fort_alpha),
+                                 format="%g", key=f"fs_alpha_{base}")
+    if st.button("Run both on this episode", type="primary", key="fs_run"):
+        with st.spinner("Tuning on the support set…"):
+            runs = S.tune_on_episode(backbone, episode, base, int(steps), float(lr), {"fort_alpha": float(alpha), **prompt})
+        st.session_state["fewshot_result"] = {"key": key, "runs": runs}
+    result = st.session_state.get("fewshot_result")
+    if not result or result["key"] != key:
+        return
+    runs = result["runs"]
+    cols = st.columns(len(runs))
+    for col, r in zip(cols, runs):
+        focus = "" if r.focus is None else f" · focus {r.focus:.2f} (chance {r.area:.2f})"
+        col.metric(r.label, f"{r.acc:.1%} query accuracy", help=f"{r.seconds:.1f} s")
+        col.caption(f"{r.method}{focus}" + ("" if r.prompt_on_object is None else
+                                            f" · prompts {r.prompt_on_object:.0%} on object"))
+    query = episode.query
+    names = query.class_names
+    st.markdown("**Query predictions and last-layer attention** (shared colour scale per query)")
+    per_row = 4
+    for start in range(0, len(query), per_row):
+        row = st.columns(per_row)
+        for col, i in zip(row, range(start, min(start + per_row, len(query)))):
+            image = rgb(query.images, i)
+            tiles = overlays(image, [r.view for r in runs], index=i)
+            with col:
+                st.image(image, caption=f"true: {names[int(query.labels[i])]}", width="stretch")
+                for r, tile in zip(runs, tiles):
+                    pred = int(r.view.pred[i])
+                    mark = "✓" if pred == int(query.labels[i]) else "✗"
+                    st.image(tile, caption=f"{mark} {r.label}: {names[pred]} ({float(r.view.conf[i]):.2f})",
+                             width="stretch")
+
+
+def main() -> None:
+    st.title("Few-shot with FORT")
+    backbone = S.require_backbone()
+    size = int(backbone.layout.img_size[0])
+    episode, key = pick_episode(size)
+    if episode is None:
+        return
+    prompt = show_prompts(backbone, episode, key)
+    show_runs(backbone, episode, key, prompt)
+
+
+main()

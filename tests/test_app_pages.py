@@ -1,0 +1,298 @@
+"""The Streamlit pages, driven by AppTest on the fixture backbone with a temporary run registry.
+
+Each test runs a page script the way Streamlit does, sets widgets, and checks what a person would
+see: no exception, the comparison or the run, and a clear message (never a traceback) for bad input.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 180  # seconds per script run; the CI machine is shared and slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fixture backbone and a fresh run registry for this module (env is read on every page run)."""
+    runs = tmp_path_factory.mktemp("lab_runs")
+    old = {k: os.environ.get(k) for k in ("TOAST_LAB_BACKBONE", "TOAST_LAB_RUNS_DIR")}
+    os.environ["TOAST_LAB_BACKBONE"] = "fixture"
+    os.environ["TOAST_LAB_RUNS_DIR"] = str(runs)
+    yield runs
+    from toast_core import app_state as S
+
+    try:
+        S.run_manager(S.spec_from_env()).shutdown(timeout=30)
+    except Exception:
+        pass
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def page(name: str):
+    from streamlit.testing.v1 import AppTest
+
+    return AppTest.from_file(str(ROOT / name), default_timeout=TIMEOUT)
+
+
+def texts(elements) -> list[str]:
+    return [str(e.value) for e in elements]
+
+
+def png_bytes(mode: str = "RGB", size: tuple[int, int] = (120, 80), dtype=np.uint8) -> bytes:
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        arr = rng.integers(0, 65535, size=(size[1], size[0]), dtype=np.uint16)
+        im = Image.fromarray(arr)
+    else:
+        channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+        arr = rng.integers(0, 255, size=(size[1], size[0], channels), dtype=dtype)
+        im = Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def manager():
+    from toast_core import app_state as S
+
+    return S._cached_manager(str(S.runs_root()), S.spec_from_env().key)
+
+
+def submit_tiny_run(at, method: str = "linear", **settings) -> str:
+    at.selectbox(key="tl_method").set_value(method).run()
+    at.number_input(key="tl_steps").set_value(3)
+    at.number_input(key="tl_batch").set_value(4)
+    at.number_input(key="tl_per_class").set_value(1)
+    at.number_input(key="tl_val").set_value(1)
+    at.number_input(key="tl_eval").set_value(0)
+    for name, value in settings.items():
+        widget = at.get_by_key(f"tl_{method}_{name}")
+        widget.set_value(value)
+    at.button(key="tl_submit").click().run()
+    assert not at.exception, at.exception
+    assert any("Submitted run" in s for s in texts(at.success)), texts(at.error)
+    return str(at.session_state["tl_selected"])
+
+
+# --- home ---------------------------------------------------------------------------------------
+def test_home_shows_fixture_backbone_runs_and_presets() -> None:
+    from toast_core import app_state as S
+
+    at = page("app.py").run()
+    assert not at.exception
+    assert any(S.FIXTURE_LABEL in w for w in texts(at.warning))
+    assert any(S.FIXTURE_LABEL in str(m.value) for m in at.metric)
+    assert len([b for b in at.button if str(b.key).startswith("preset_")]) == len(S.PRESETS)
+    assert any("No trained modules yet" in i for i in texts(at.info))
+
+
+# --- explorer -----------------------------------------------------------------------------------
+def test_explorer_compares_on_a_builtin_scene_with_its_mask() -> None:
+    at = page("pages/explorer.py").run()
+    assert not at.exception
+    assert at.session_state["explorer_rendered"] == 1  # the base backbone's map
+    focus = at.dataframe[0].value
+    assert list(focus["module"]) == ["base backbone (no head)"]
+    assert 0.0 <= float(focus["focus share"][0]) <= 1.0
+    assert any("ground-truth mask" in c for c in texts(at.caption))
+    # the gradient views need a trained head, which the fixture backbone does not have: a clear warning
+    at.selectbox(key="ex_view").set_value("Grad-CAM").run()
+    assert not at.exception
+    assert any("needs a trained head" in w for w in texts(at.warning))
+
+
+def test_explorer_preset_sets_scene_and_view() -> None:
+    from toast_core import app_state as S
+
+    p = S.PRESETS[1]
+    at = page("pages/explorer.py")
+    at.session_state["explorer_preset"] = p.key
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="ex_task").value == p.task
+    assert at.number_input(key="ex_index").value == p.index
+    assert S.VIEW_LABELS[at.selectbox(key="ex_view").value] == p.view
+    assert any(p.title in i for i in texts(at.info))
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("notes.png", b"this is not an image at all", "not an image in a supported format"),
+        ("cut.png", png_bytes()[:60], "corrupt or truncated"),
+        ("huge.png", b"\x89PNG" + b"0" * (21 * 1024 * 1024), "over the 20.0 MB limit"),
+    ],
+)
+def test_explorer_refuses_bad_uploads_with_a_message(name: str, data: bytes, message: str) -> None:
+    at = page("pages/explorer.py").run()
+    at.radio(key="ex_source").set_value("Upload an image").run()
+    at.file_uploader(key="ex_upload").upload(name, data, "image/png").run()
+    assert not at.exception
+    errors = texts(at.error)
+    assert errors and message in errors[0], errors
+    assert "explorer_rendered" not in at.session_state or at.session_state["explorer_rendered"] == 1
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16"])
+def test_explorer_accepts_grayscale_rgba_and_16bit_uploads(mode: str) -> None:
+    at = page("pages/explorer.py").run()
+    at.radio(key="ex_source").set_value("Upload an image").run()
+    at.file_uploader(key="ex_upload").upload(f"pic_{mode}.png", png_bytes(mode), "image/png").run()
+    assert not at.exception
+    assert not at.error, texts(at.error)
+    assert at.session_state["explorer_rendered"] == 1
+    # a typed box replaces the (absent) mask: focus table from number inputs
+    at.number_input(key="ex_x0").set_value(0)
+    at.number_input(key="ex_x1").set_value(60).run()
+    assert not at.exception
+    assert len(at.dataframe) == 1
+
+
+# --- tuning lab, then everything that lists runs -----------------------------------------------
+def test_tuning_lab_runs_a_module_that_appears_in_explorer_and_benchmark() -> None:
+    at = page("pages/tuning_lab.py").run()
+    assert not at.exception
+    run_id = submit_tiny_run(at, "linear")
+    status = manager().wait(run_id, timeout=120)
+    assert status.state == "done", status.error
+    at.run()
+    assert not at.exception
+    assert any("Done: 3 steps" in s for s in texts(at.success))
+    assert any(run_id in str(o) for o in at.selectbox(key="tl_selected").options) or at.selectbox(key="tl_selected").value == run_id
+
+    ex = page("pages/explorer.py").run()
+    assert not ex.exception
+    assert run_id in ex.multiselect(key="ex_modules").value
+    assert ex.session_state["explorer_rendered"] == 2
+    captions = texts(ex.caption)
+    assert not any("Only the base backbone" in c for c in captions)
+    # the two maps can be subtracted: the difference figure is drawn
+    assert not any("at least two modules" in i for i in texts(ex.info))
+    assert len(ex.get("plotly_chart")) >= 3  # heat maps, difference, layers x heads
+
+    bm = page("pages/benchmark.py").run()
+    assert not bm.exception
+    table = bm.dataframe[0].value
+    assert "linear" in set(table["method"])
+    row = table[table["method"] == "linear"].iloc[0]
+    assert row["state"] == "done" and 0 < row["trainable %"] < 100
+    assert row["focus ratio"] is not None and np.isfinite(row["focus ratio"])
+
+
+def test_tuning_lab_shows_a_failed_run_and_refuses_bad_settings() -> None:
+    at = page("pages/tuning_lab.py").run()
+    # a padding prompt wider than half the 96 px input passes the config check but fails in the worker
+    run_id = submit_tiny_run(at, "visual_prompt", size="60")
+    status = manager().wait(run_id, timeout=120)
+    assert status.state == "failed"
+    at.run()
+    assert not at.exception
+    assert any("Run failed" in e and "Padding width 60" in e for e in texts(at.error)), texts(at.error)
+    # a setting the config refuses never becomes a run
+    at.selectbox(key="tl_method").set_value("fort_lora").run()
+    at.get_by_key("tl_fort_lora_keep_top").set_value(2.0)
+    at.button(key="tl_submit").click().run()
+    assert not at.exception
+    assert any("not submitted" in e and "keep_top" in e for e in texts(at.error)), texts(at.error)
+
+
+def test_tuning_lab_zip_upload_checks(tmp_path: Path) -> None:
+    def make_zip(files: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for n, d in files.items():
+                zf.writestr(n, d)
+        return buf.getvalue()
+
+    at = page("pages/tuning_lab.py").run()
+    at.radio(key="tl_source").set_value("Uploaded zip of class folders").run()
+    at.file_uploader(key="tl_zip").upload("evil.zip", make_zip({"../escape.png": png_bytes()}), "application/zip").run()
+    assert not at.exception
+    assert any("cannot be used" in e and "leave the folder" in e for e in texts(at.error)), texts(at.error)
+    assert at.button(key="tl_submit").disabled
+
+    at.file_uploader(key="tl_zip").clear()
+    good = make_zip({f"{c}/{i}.png": png_bytes() for c in ("cat", "dog") for i in range(3)})
+    at.file_uploader(key="tl_zip").upload("pets.zip", good, "application/zip").run()
+    assert not at.exception
+    assert any("2 classes, 6 images" in s for s in texts(at.success)), texts(at.success) + texts(at.error)
+    assert not at.button(key="tl_submit").disabled
+
+    at.file_uploader(key="tl_zip").clear()
+    at.file_uploader(key="tl_zip").upload("notzip.zip", b"PK\x03\x04 broken", "application/zip").run()
+    assert any("not a valid or supported zip" in e for e in texts(at.error)), texts(at.error)
+
+
+# --- backbones ----------------------------------------------------------------------------------
+def test_backbones_page_explains_failures(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    import torch
+
+    at = page("pages/backbones.py").run()
+    assert not at.exception
+    assert any("random weights" in w for w in texts(at.warning))
+    at.radio(key="bb_choice").set_value("Local weights file").run()
+    at.text_input(key="bb_path").set_value(str(tmp_path / "missing.safetensors"))
+    at.button(key="bb_file_load").click().run()
+    assert any("does not exist" in e for e in texts(at.error)), texts(at.error)
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"not_a_vit.weight": torch.zeros(2, 2)}, str(wrong))
+    at.text_input(key="bb_arch").set_value("vit_tiny_patch16_224")
+    at.text_input(key="bb_path").set_value(str(wrong))
+    at.button(key="bb_file_load").click().run()
+    assert not at.exception
+    assert any("do not match" in e for e in texts(at.error)), texts(at.error)
+
+    at.radio(key="bb_choice").set_value("timm model from the hub").run()
+    at.text_input(key="bb_hub_name").set_value("no_such_model_xyz")
+    at.button(key="bb_hub_load").click().run()
+    assert any("not a timm model name" in e for e in texts(at.error)), texts(at.error)
+    # the fixture is still in use after every failure
+    assert any("random weights" in w for w in texts(at.warning))
+
+
+# --- few-shot -----------------------------------------------------------------------------------
+def test_fewshot_prompts_and_ft_vs_fort() -> None:
+    at = page("pages/fewshot.py")
+    at.run()
+    assert not at.exception, at.exception
+    at.number_input(key="fs_way").set_value(2)
+    at.number_input(key="fs_query").set_value(1).run()
+    assert not at.exception
+    assert any("Mean share of prompt mass" in c for c in texts(at.caption))
+    at.selectbox(key="fs_base").set_value("bitfit")
+    at.number_input(key="fs_steps").set_value(2)
+    at.button(key="fs_run").click().run()
+    assert not at.exception, at.exception
+    labels = [str(m.label) for m in at.metric]
+    assert labels == ["bitfit", "bitfit + FORT"]
+    runs = at.session_state["fewshot_result"]["runs"]
+    assert all(0.0 <= r.acc <= 1.0 for r in runs) and runs[1].prompt_on_object is not None
+    assert runs[0].view.map.shape[0] == 2  # 2-way x 1 query
+
+
+def test_fewshot_refuses_an_episode_the_upload_cannot_fill() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for c in ("ants", "bees"):
+            for i in range(2):
+                zf.writestr(f"{c}/{i}.png", png_bytes())
+    at = page("pages/fewshot.py").run()
+    at.radio(key="fs_source").set_value("Uploaded zip of class folders").run()
+    at.file_uploader(key="fs_zip").upload("tiny.zip", buf.getvalue(), "application/zip").run()
+    at.number_input(key="fs_shot").set_value(2).run()
+    assert not at.exception
+    assert any("No episode of that shape" in e for e in texts(at.error)), texts(at.error)
