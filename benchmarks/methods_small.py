@@ -246,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     device = str(backbone.device)
     notes = [
         f"backbone: {backbone.name} (hash {backbone.weights_hash}), device {device}, "
-        f"{args.threads} threads, seed {args.seed}, {args.per_class} train images per class"
-        + (" (SMOKE: fixture backbone, random data)" if args.smoke else ""),
+        f"{args.threads} threads, seed {args.seed}, "
+        + (
+            f"SMOKE: fixture backbone, random data, {SMOKE_STEPS} steps"
+            if args.smoke
+            else f"{args.per_class} train / {SPLIT_SIZES['val']} val / {SPLIT_SIZES['test']} test images per class"
+        ),
         f"peak MB = {memory_kind} during training; focus = share of last-layer CLS attention (head mean, "
         "patches only) on the deciding-object mask; ratio = focus / mask area share (1 = chance)",
         f"total {minutes:.1f} min; hyper-parameters: HPARAMS in benchmarks/methods_small.py",

@@ -173,7 +173,10 @@ def main() -> None:
         return
     with st.spinner("Computing attention…"):
         views = S.module_views(backbone, keys, image, view, layer, head)
-    st.session_state["explorer_rendered"] = len([v for v in views if v.view is not None])
+    rendered = len([v for v in views if v.view is not None])
+    st.session_state["explorer_rendered"] = rendered
+    st.caption(f"Compared {rendered} module{'' if rendered == 1 else 's'} on {image.name} · "
+               f"{next(k for k, v in S.VIEW_LABELS.items() if v == view)}")
 
     tabs = st.tabs(["Overlays", "Heat maps", "Difference", "Focus", "Layers × heads", "Export"])
     with tabs[0]:

@@ -10,7 +10,7 @@ import torch
 
 from toast_core.backbone import Backbone, tiny_fixture_backbone
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -373,7 +373,9 @@ def test_load_embedded_from_card(tmp_path: Path) -> None:
     weights, card = _write_embedded(tmp_path, config, _tensors(source))
     bk = load_embedded(weights, card, device="cpu")
     assert bk.source == "embedded" and bk.name == "tiny-embedded" and bk.class_names == ("a", "b")
-    assert bk.layout.mean == pytest.approx((0.1, 0.2, 0.3)) and bk.layout.std == pytest.approx((0.4, 0.5, 0.6))
+    assert bk.layout.mean == pytest.approx((0.1, 0.2, 0.3)) and bk.layout.std == pytest.approx(
+        (0.4, 0.5, 0.6)
+    )
     assert bk.weights_hash == weights_hash(source)
     assert bk.card["config"]["depth"] == 2
 

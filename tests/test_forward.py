@@ -250,7 +250,9 @@ class _Recorder(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _record(model: VisionTransformer, images: Tensor, capture: Capture, steer: Steer | None = None) -> _Recorder:
+def _record(
+    model: VisionTransformer, images: Tensor, capture: Capture, steer: Steer | None = None
+) -> _Recorder:
     with torch.no_grad(), _Recorder() as rec:
         steered_forward(model, images, steer, capture)
     return rec
@@ -288,7 +290,9 @@ def test_resume_and_stop_match_full_pass(case: tuple[VisionTransformer, Tensor])
     with torch.no_grad():
         full = steered_forward(model, x, capture=Capture(block_outputs=True))
         for k in range(1, depth + 1):
-            resumed = steered_forward(model, None, start_block=k, hidden=full.block_outputs[k - 1], grid=full.grid)
+            resumed = steered_forward(
+                model, None, start_block=k, hidden=full.block_outputs[k - 1], grid=full.grid
+            )
             assert _close(resumed.tokens, full.tokens), k
             assert resumed.grid == full.grid and resumed.patch_start == full.patch_start
             head = steered_forward(model, x, stop_block=k)
@@ -361,7 +365,9 @@ def _manual(model: VisionTransformer, x: Tensor, edit: Callable[[int, Tensor], T
 
 
 @pytest.mark.parametrize("builder", [make_vit, make_distilled, lambda: make_vit(reg_tokens=4)])
-def test_shallow_prompts_inserted_after_prefix(builder: Callable[[], VisionTransformer], images: Tensor) -> None:
+def test_shallow_prompts_inserted_after_prefix(
+    builder: Callable[[], VisionTransformer], images: Tensor
+) -> None:
     model = builder()
     pre, p = model.num_prefix_tokens, 3
     prompt = torch.randn(1, p, 32)
@@ -432,7 +438,9 @@ def test_transform_input(vit: VisionTransformer, images: Tensor) -> None:
 
 @pytest.mark.parametrize("site", ["qkv", "proj", "fc1", "fc2"])
 @pytest.mark.parametrize("layer", [0, 1])
-def test_linear_delta_equals_weight_change(site: str, layer: int, vit: VisionTransformer, images: Tensor) -> None:
+def test_linear_delta_equals_weight_change(
+    site: str, layer: int, vit: VisionTransformer, images: Tensor
+) -> None:
     """An affine delta on a linear's output equals editing that linear's weight and bias."""
     blk = vit.blocks[layer]
     lin = {"qkv": blk.attn.qkv, "proj": blk.attn.proj, "fc1": blk.mlp.fc1, "fc2": blk.mlp.fc2}[site]
@@ -440,7 +448,9 @@ def test_linear_delta_equals_weight_change(site: str, layer: int, vit: VisionTra
     db = 0.1 * torch.randn_like(lin.bias)
     steer = _Delta(layer, site, lambda inp: inp @ dw.T + db)
     edited = copy.deepcopy(vit)
-    edited_lin = dict(edited.named_modules())[f"blocks.{layer}." + ("attn." if site in ("qkv", "proj") else "mlp.") + site]
+    edited_lin = dict(edited.named_modules())[
+        f"blocks.{layer}." + ("attn." if site in ("qkv", "proj") else "mlp.") + site
+    ]
     with torch.no_grad():
         edited_lin.weight += dw
         edited_lin.bias += db
@@ -456,11 +466,15 @@ def test_linear_delta_equals_weight_change(site: str, layer: int, vit: VisionTra
 
 def _v_slice_delta(layer: int, v_delta: Tensor) -> _Delta:
     """A qkv delta that is zero on the q and k slices and `v_delta` on the v slice."""
-    return _Delta(layer, "qkv", lambda inp: torch.cat([torch.zeros_like(v_delta).repeat(1, 1, 2), v_delta], -1))
+    return _Delta(
+        layer, "qkv", lambda inp: torch.cat([torch.zeros_like(v_delta).repeat(1, 1, 2), v_delta], -1)
+    )
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_value_signal_equals_hand_computation(with_bias: bool, vit: VisionTransformer, images: Tensor) -> None:
+def test_value_signal_equals_hand_computation(
+    with_bias: bool, vit: VisionTransformer, images: Tensor
+) -> None:
     """v = W_v u + W_v td (+ b_v again in the official-compat form): a delta on the V slice only."""
     layer, c = 1, vit.embed_dim
     td = torch.randn(2, 17, c)

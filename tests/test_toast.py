@@ -149,7 +149,9 @@ def test_zero_selection_makes_pass2_equal_pass1() -> None:
     torch.testing.assert_close(off.out.tokens, expected.tokens, rtol=0, atol=1e-6)
 
 
-def test_official_compat_matches_reference_from_formulas(bb: Backbone, images: Tensor) -> None:
+@pytest.mark.parametrize("batch", [3, 8])  # 3 × 17 tokens runs the decoder chain, 8 × 17 the folded form
+def test_official_compat_matches_reference_from_formulas(bb: Backbone, batch: int) -> None:
+    images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     method = Toast(bb, CLASSES, ToastConfig(official_compat=True, seed=4))
     _strong_decoders(method)
     with torch.no_grad():
@@ -172,6 +174,36 @@ def test_official_compat_matches_reference_from_formulas(bb: Backbone, images: T
     assert (p_out.logits - out.logits).abs().max() > 1e-3
     # and pass 2 really differs from pass 1 (the feedback does something)
     assert (out.out.tokens - out.extras["pass1"].tokens).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cls", [Toast, ToastLite])
+def test_folded_feedback_equals_the_chain(cls: type[Toast], bb: Backbone) -> None:
+    """Training batches multiply the d×d operators first; values and gradients must not change."""
+    method = cls(bb, CLASSES)
+    d = bb.layout.embed_dim
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for dec in method.decoders:
+            for lin in (dec.linear, dec.linear2):
+                lin.weight.copy_(torch.randn(d, d, generator=gen) / d**0.5)
+                if cls is ToastLite:
+                    lin.lora_B.copy_(torch.randn(d, 4, generator=gen))
+        method.P.copy_(torch.eye(d) + 0.1 * torch.randn(d, d, generator=gen))
+    masked = torch.randn(4, 17, d, generator=gen)
+    grads = []
+    for fold in (False, True):
+        method.zero_grad()
+        td = method.feedback(masked, fold=fold)
+        assert sorted(td) == list(range(DEPTH))
+        sum((t * (l + 1)).sum() for l, t in td.items()).backward()
+        grads.append({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
+        if fold:
+            for layer in range(DEPTH):
+                torch.testing.assert_close(td[layer], chain[layer], rtol=1e-5, atol=1e-5)
+        chain = {l: t.detach() for l, t in td.items()}
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-4)
 
 
 def test_pass1_builds_no_graph(bb: Backbone, images: Tensor) -> None:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from toast_core.backbone import CHECKPOINT_DIR, build_vit
 from toast_core.data.base import to_model_input
-from toast_core.data.scenes import DATA_VERSION, SOURCE_CLASSES, source_batch
+from toast_core.data.scenes import DATA_VERSION, SOURCE_CLASSES, source_batch, source_batch_dense
 
 EMBEDDED_CONFIG: dict = {
     "img_size": 96,
@@ -47,8 +47,7 @@ class _SourceBatches(Dataset):
         return self.steps - self.start
 
     def __getitem__(self, i: int):
-        images, targets, _ = source_batch(self.seed, "train", (self.start + i) * self.batch_size, self.batch_size, self.size)
-        return images, targets
+        return source_batch_dense(self.seed, "train", (self.start + i) * self.batch_size, self.batch_size, self.size)
 
 
 def lr_at(step: int, steps: int, base_lr: float, warmup: int, min_ratio: float = 0.01) -> float:
@@ -72,17 +71,36 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float
     return sum(aps) / max(len(aps), 1)
 
 
-def pretrain_loss(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, aux_gap: float) -> torch.Tensor:
-    """BCE on the CLS readout, plus BCE on the mean patch token through the same head.
+def patch_targets(class_maps: torch.Tensor, grid: tuple[int, int], num_classes: int) -> torch.Tensor:
+    """Per-patch class mix (B, gh*gw, C+1) from pixel class maps (0 = background)."""
+    onehot = F.one_hot(class_maps.long(), num_classes + 1).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(onehot, grid).flatten(2).transpose(1, 2)
 
-    The auxiliary term gives every patch token a direct gradient early on, which gets a small ViT
-    trained from scratch off the class-prior plateau much sooner; inference uses the CLS readout.
+
+def pretrain_loss(
+    model: torch.nn.Module,
+    patch_head: torch.nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    class_maps: torch.Tensor,
+    aux_gap: float,
+    dense: float,
+) -> torch.Tensor:
+    """Multi-label BCE on the CLS readout, plus a dense per-patch class loss from the scene masks.
+
+    A small ViT trained from scratch on ~2 labels per image sits on the class-prior plateau for a
+    long time; 144 soft patch labels per image (from the pixel masks) give every token a direct
+    signal. The patch head is training-only and is not shipped; inference uses the CLS readout.
     """
     tokens = model.forward_features(x)
     loss = F.binary_cross_entropy_with_logits(model.forward_head(tokens), targets)
+    patches = tokens[:, model.num_prefix_tokens :]
     if aux_gap > 0:
-        gap = model.head(tokens[:, model.num_prefix_tokens :].mean(dim=1))
-        loss = loss + aux_gap * F.binary_cross_entropy_with_logits(gap, targets)
+        loss = loss + aux_gap * F.binary_cross_entropy_with_logits(model.head(patches.mean(dim=1)), targets)
+    if dense > 0:
+        soft = patch_targets(class_maps, model.patch_embed.grid_size, targets.shape[1])
+        logp = F.log_softmax(patch_head(patches), dim=-1)
+        loss = loss + dense * -(soft * logp).sum(-1).mean()
     return loss
 
 
@@ -109,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state", type=Path, default=Path(".pretrain_state.safetensors"))
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--val-images", type=int, default=512)
-    ap.add_argument("--aux-gap", type=float, default=1.0, help="weight of the mean-patch-token loss (through the same head)")
+    ap.add_argument("--aux-gap", type=float, default=0.0, help="weight of the mean-patch-token loss (through the same head)")
+    ap.add_argument("--dense", type=float, default=1.0, help="weight of the per-patch class loss (training-only head)")
     ap.add_argument("--log-map-every", type=int, default=200)
     args = ap.parse_args(argv)
 
@@ -117,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model = build_vit(EMBEDDED_CONFIG).to(device)
+    patch_head = torch.nn.Linear(EMBEDDED_CONFIG["embed_dim"], len(SOURCE_CLASSES) + 1).to(device)
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in [*model.named_parameters(), *(("patch_head." + n, p) for n, p in patch_head.named_parameters())]:
         (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
@@ -127,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.state.is_file():
         saved = load_file(str(args.state))
         model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
+        patch_head.load_state_dict({k[11:]: v for k, v in saved.items() if k.startswith("patch_head.")})
         opt_state = json.loads(Path(str(args.state) + ".json").read_text())
         start, elapsed_before = int(opt_state["step"]), float(opt_state["elapsed_s"])
         for i, group in enumerate(opt.param_groups):
@@ -145,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.time()
     model.train()
-    for i, (images, targets) in enumerate(loader):
+    for i, (images, targets, class_maps) in enumerate(loader):
         step = start + i
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         x = to_model_input(images.to(device), mean, std)
-        loss = pretrain_loss(model, x, targets.to(device), args.aux_gap)
+        loss = pretrain_loss(model, patch_head, x, targets.to(device), class_maps.to(device), args.aux_gap, args.dense)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -162,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step + 1} val mAP (128 images) {quick_map(model, args.seed, 128, device):.4f}", flush=True)
             model.train()
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            _save_state(model, opt, step + 1, elapsed_before + time.time() - t0, args.state)
+            _save_state(model, patch_head, opt, step + 1, elapsed_before + time.time() - t0, args.state)
     train_seconds = elapsed_before + time.time() - t0
 
     model.eval()
@@ -184,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": {
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
             "warmup": args.warmup, "seed": args.seed, "images_seen": args.steps * args.batch_size,
-            "loss": f"multi-label BCE over source classes on the CLS readout + {args.aux_gap} x BCE on the mean patch token (same head)", "optimizer": "AdamW, warmup + cosine, clip 1.0",
+            "loss": f"multi-label BCE on the CLS readout + {args.dense} x per-patch soft class CE from the scene masks (training-only linear patch head, not shipped)" + (f" + {args.aux_gap} x BCE on the mean patch token" if args.aux_gap else ""), "optimizer": "AdamW, warmup + cosine, clip 1.0",
             "device": str(device), "threads": args.threads, "train_minutes": round(train_seconds / 60, 2),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "torch": torch.__version__,
@@ -197,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _save_state(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, elapsed: float, path: Path) -> None:
+def _save_state(model: torch.nn.Module, patch_head: torch.nn.Module, opt: torch.optim.Optimizer, step: int, elapsed: float, path: Path) -> None:
     """Periodic resumable state (safetensors + JSON, written atomically)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"patch_head.{k}": v.detach().cpu().contiguous() for k, v in patch_head.state_dict().items()})
     for i, group in enumerate(opt.param_groups):
         for j, p in enumerate(group["params"]):
             st = opt.state.get(p)

@@ -335,13 +335,20 @@ def source_scene(seed: int, split: str, index: int, size: int = DEFAULT_SIZE) ->
 
 def source_batch(seed: int, split: str, start: int, n: int, size: int = DEFAULT_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images (n, 3, H, W) uint8, multi-hot targets (n, C) float, union object masks (n, H, W) bool."""
+    images, targets, class_maps = source_batch_dense(seed, split, start, n, size)
+    return images, targets, class_maps > 0
+
+
+def source_batch_dense(seed: int, split: str, start: int, n: int, size: int = DEFAULT_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like `source_batch`, but with per-pixel class maps (n, H, W) uint8: 0 = background, c + 1 = class c."""
     images = np.empty((n, size, size, 3), np.uint8)
     targets = np.empty((n, len(SOURCE_CLASSES)), np.float32)
-    masks = np.empty((n, size, size), bool)
+    class_maps = np.empty((n, size, size), np.uint8)
     for j in range(n):
         scene, target = source_scene(seed, split, start + j, size)
-        images[j], targets[j], masks[j] = scene.image, target, scene.index_map > 0
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(targets), torch.from_numpy(masks)
+        lut = np.array([0] + [SOURCE_CLASSES.index(k) + 1 for k in scene.classes], np.uint8)
+        images[j], targets[j], class_maps[j] = scene.image, target, lut[scene.index_map]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(targets), torch.from_numpy(class_maps)
 
 
 def source_stream(seed: int, split: str = "train", size: int = DEFAULT_SIZE):

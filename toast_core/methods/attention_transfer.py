@@ -72,7 +72,7 @@ def student_config(model: VisionTransformer) -> dict[str, Any]:
         no_embed_class=bool(model.no_embed_class),
         reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
         pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        final_norm=not isinstance(model.norm, nn.Identity),
+        final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
         fc_norm=not isinstance(model.fc_norm, nn.Identity),
         pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
         dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),

@@ -153,6 +153,11 @@ class _TopDownSignal(Steer):
         return self.td.get(layer)
 
 
+def _matrix(layer: nn.Module) -> Tensor:
+    """The d×d matrix a decoder linear applies (LoRA merged, still differentiable)."""
+    return layer.merged_weight() if isinstance(layer, LoRALinear) else layer.weight
+
+
 def _layers(spec: LayerSpec, depth: int) -> frozenset[int]:
     return resolve_layers(spec, depth)
 
@@ -244,17 +249,43 @@ class Toast(SteeringMethod):
 
     # --- the four steps -------------------------------------------------------------------------
     def select(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Token-wise selection: m = clamp(cos(z_i, ξ), 0, 1) (B, N) and z̃ = (m·z) P (B, N, d)."""
-        m = (F.normalize(z, dim=-1) @ F.normalize(self.xi, dim=0)).clamp(0, 1)
-        return m, (z * m.unsqueeze(-1)) @ self.P
+        """Token-wise selection mask m = clamp(cos(z_i, ξ), 0, 1) (B, N) and the masked tokens m·z.
 
-    def feedback(self, z_sel: Tensor) -> dict[int, Tensor]:
-        """td_l for the feedback blocks, top to bottom: h = W1_l h, td_l = W2_l h."""
-        h = z_sel
-        td: dict[int, Tensor] = {}
-        for layer in reversed(self.feedback_blocks):
-            h, td[layer] = self.decoders[layer](h)
-        return td
+        The channel selection P is applied inside `feedback` (z̃ = (m·z) P), where it can be folded.
+        """
+        m = (F.normalize(z, dim=-1) @ F.normalize(self.xi, dim=0)).clamp(0, 1)
+        return m, z * m.unsqueeze(-1)
+
+    def feedback(self, masked: Tensor, fold: bool | None = None) -> dict[int, Tensor]:
+        """td_l for the feedback blocks from the masked tokens: z̃ = masked·P, then top to bottom
+        h = W1_l h, td_l = W2_l h.
+
+        The path is linear and token-wise, so td_l = T_l z̃ with T_l = W2_l W1_l … W1_top. With many
+        tokens (rows > 2d, i.e. training batches) the d×d operators are multiplied first (2L d³
+        flops) and all td come from one matmul: L token-sized matmuls instead of 2L (+1 for P), and
+        as many fewer in the backward. Small batches run the chain directly. Same values either way
+        (up to float rounding).
+        """
+        d = masked.shape[-1]
+        blocks = list(self.feedback_blocks)
+        if fold is None:
+            fold = masked.numel() // d > 2 * d
+        if not fold:
+            h = masked @ self.P
+            td: dict[int, Tensor] = {}
+            for layer in reversed(blocks):
+                h, td[layer] = self.decoders[layer](h)
+            return td
+        ops: list[Tensor] = []
+        chain = self.P.t()  # column form: z̃ = Pᵀ (m·z)
+        for layer in reversed(blocks):
+            dec = self.decoders[layer]
+            chain = _matrix(dec.linear) @ chain
+            ops.append(_matrix(dec.linear2) @ chain)
+        ops.reverse()
+        stacked = F.linear(masked, torch.cat(ops, dim=0))  # (B, N, len(blocks)·d)
+        parts = stacked.unflatten(-1, (len(blocks), d)).unbind(dim=-2)  # unbind: one stack in backward
+        return dict(zip(blocks, parts))
 
     def pass1_capture(self, capture: Capture = NOTHING) -> Capture:
         """What pass 1 records: the caller's CLS rows (pass-1 vs pass-2 views), the stream entering
@@ -289,8 +320,8 @@ class Toast(SteeringMethod):
                 vit, images, capture=self.pass1_capture(capture), stop_block=self.feedback_stop
             )
         # (2) selection and (3) feedback
-        m, z_sel = self.select(first.tokens)
-        td = self.feedback(z_sel)
+        m, masked = self.select(first.tokens)
+        td = self.feedback(masked)
         # (4) pass 2, restarted from the pass-1 stream at the late-feedback start block
         signal = _TopDownSignal(td, add_bias=self.config.official_compat)
         cap2 = self.pass2_capture(capture)
