@@ -26,10 +26,11 @@ def home() -> None:
 
     st.subheader("Loaded backbone")
     facts = S.backbone_facts(backbone)
+    st.markdown(f"**{facts['Backbone']}**")
     cols = st.columns(4)
-    for col, key in zip(cols, ("Backbone", "Parameters", "Input / patch", "Blocks × heads")):
+    for col, key in zip(cols, ("Parameters", "Input / patch", "Blocks × heads", "Device")):
         col.metric(key, facts[key])
-    st.caption(f"Device: {facts['Device']} · weights hash {facts['Weights hash']} · change it on the Backbones page.")
+    st.caption(f"Weights hash {facts['Weights hash']} · change the backbone on the Backbones page.")
     quality = backbone.card.get("quality", {})
     if quality:
         with st.expander("Measured quality (from the backbone card)"):
@@ -73,14 +74,14 @@ def home() -> None:
 
 
 def main() -> None:
-    st.set_page_config(page_title="Attention Steering Lab", page_icon="🔭", layout="wide")
+    st.set_page_config(page_title="Attention Steering Lab", page_icon=":material/visibility:", layout="wide")
     pages = [
-        st.Page(home, title="Home", icon="🏠", default=True),
-        st.Page(f"{PAGES_DIR}/explorer.py", title="Attention Explorer", icon="🔍"),
-        st.Page(f"{PAGES_DIR}/tuning_lab.py", title="Tuning Lab", icon="🎛️"),
-        st.Page(f"{PAGES_DIR}/fewshot.py", title="Few-shot (FORT)", icon="🎯"),
-        st.Page(f"{PAGES_DIR}/benchmark.py", title="Benchmark", icon="📊"),
-        st.Page(f"{PAGES_DIR}/backbones.py", title="Backbones", icon="🧠"),
+        st.Page(home, title="Home", icon=":material/home:", default=True),
+        st.Page(f"{PAGES_DIR}/explorer.py", title="Attention Explorer", icon=":material/image_search:"),
+        st.Page(f"{PAGES_DIR}/tuning_lab.py", title="Tuning Lab", icon=":material/tune:"),
+        st.Page(f"{PAGES_DIR}/fewshot.py", title="Few-shot (FORT)", icon=":material/target:"),
+        st.Page(f"{PAGES_DIR}/benchmark.py", title="Benchmark", icon=":material/leaderboard:"),
+        st.Page(f"{PAGES_DIR}/backbones.py", title="Backbones", icon=":material/memory:"),
     ]
     st.navigation(pages).run()
 

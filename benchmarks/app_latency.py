@@ -162,28 +162,47 @@ def wait_text(page, pattern: re.Pattern[str] | str, timeout_s: float) -> None:
     page.get_by_text(pattern).first.wait_for(state="visible", timeout=timeout_s * 1000)
 
 
-def upload_on_explorer(page, name: str, data: bytes) -> None:
+def upload_on_explorer(page, name: str, data: bytes, timeout_s: float = 300.0) -> None:
     """Switch the Explorer to uploads (if needed) and hand the file to the uploader."""
     file_input = page.locator("input[type=file]")
     if file_input.count() == 0:
         page.get_by_text("Upload an image", exact=True).click()
-        file_input.first.wait_for(state="attached", timeout=30_000)
+        file_input.first.wait_for(state="attached", timeout=timeout_s * 1000)
     file_input.first.set_input_files(files=[{"name": name, "mimeType": "image/png", "buffer": data}])
 
 
-def settle(page, quiet_s: float = 0.6, timeout_s: float = 60.0) -> None:
-    """Wait until Streamlit reports no script running (its status widget disappears)."""
+BUSY_JS = """() => document.querySelector("[data-testid='stStatusWidget']") !== null
+  || document.querySelector("[data-testid='stSkeleton']") !== null
+  || [...document.images].some(img => !img.complete)"""
+
+
+def settle(page, quiet_s: float = 0.8, timeout_s: float = 120.0) -> None:
+    """Wait until no script runs, no element is a loading skeleton and every image has loaded."""
     deadline = time.monotonic() + timeout_s
     calm_since = None
     while time.monotonic() < deadline:
-        running = page.locator("[data-testid='stStatusWidget']").count() > 0
-        if running:
+        if page.evaluate(BUSY_JS):
             calm_since = None
         elif calm_since is None:
             calm_since = time.monotonic()
         elif time.monotonic() - calm_since >= quiet_s:
             return
         time.sleep(0.1)
+
+
+def full_screenshot(page, path: Path, max_height: int = 5000) -> Path:
+    """A screenshot of the whole page: Streamlit scrolls inside its main container, not the body,
+    so the viewport is stretched to the content's height first."""
+    size = page.viewport_size or {"width": 1400, "height": 1000}
+    height = page.evaluate(
+        """() => Math.max(...[...document.querySelectorAll("[data-testid='stMain'], [data-testid='stAppViewContainer'], section.main")]
+                 .map(e => e.scrollHeight), document.body.scrollHeight)"""
+    )
+    page.set_viewport_size({"width": size["width"], "height": int(min(max(height, size["height"]), max_height))})
+    settle(page)
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size(size)
+    return path
 
 
 def screenshot_pages(page, base_url: str, out_dir: Path) -> list[Path]:
@@ -199,9 +218,7 @@ def screenshot_pages(page, base_url: str, out_dir: Path) -> list[Path]:
             page.get_by_role("button", name="Run both on this episode").click()
             wait_text(page, "query accuracy", 180)
         settle(page)
-        target = out_dir / f"{name}.png"
-        page.screenshot(path=str(target), full_page=True)
-        shots.append(target)
+        shots.append(full_screenshot(page, out_dir / f"{name}.png"))
     return shots
 
 
@@ -224,6 +241,7 @@ def main() -> None:
         with sync_playwright() as p:
             browser = launch_chromium(p)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(180_000)
             with LabServer(runs, backbone, Path(tmp) / "server.log") as server:
                 health_s = server.wait_ready()
                 page.goto(f"{server.url}/explorer")

@@ -17,8 +17,9 @@ def show_current() -> None:
         st.error(f"'{spec.describe()}' could not be loaded: {error}")
         return
     facts = S.backbone_facts(backbone)
+    st.markdown(f"**{facts['Backbone']}**")
     cols = st.columns(4)
-    for col, key in zip(cols, ("Backbone", "Parameters", "Input / patch", "Blocks × heads")):
+    for col, key in zip(cols, ("Parameters", "Input / patch", "Blocks × heads", "Device")):
         col.metric(key, facts[key])
     if S.is_fixture(backbone):
         st.warning(f"This is the {S.FIXTURE_LABEL} backbone (TOAST_LAB_BACKBONE=fixture): for tests only.")

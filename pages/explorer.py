@@ -30,10 +30,10 @@ def pick_image(size: int) -> S.ImageChoice | None:
     """The image to explore: a built-in scene (with its ground-truth mask) or a safe-decoded upload."""
     source = st.radio("Image", SOURCES, key="ex_source", horizontal=True)
     if source == SOURCES[0]:
-        c1, c2, c3 = st.columns(3)
+        c1, c2 = st.columns(2)
         task = c1.selectbox("Task", list(TASKS), key="ex_task")
         split = c2.selectbox("Split", list(SPLITS), index=2, key="ex_split")
-        index = c3.number_input("Index", 0, 9999, 0, key="ex_index")
+        index = st.number_input("Scene index", 0, 9999, 0, key="ex_index")
         st.caption(TASKS[task].description)
         return S.scene_image(task, split, int(index), size)
     upload = st.file_uploader(
@@ -157,7 +157,7 @@ def main() -> None:
     backbone = S.require_backbone()
     apply_preset()
     size = int(backbone.layout.img_size[0])
-    left, right = st.columns([1, 2])
+    left, right = st.columns([2, 3], gap="large")
     with left:
         image = pick_image(size)
     with right:

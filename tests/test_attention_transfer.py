@@ -173,3 +173,17 @@ def test_distill_gradient_pulls_student_maps_to_the_teachers(sharp: Backbone, x:
         opt.step()
         kl.append(float(loss.detach()))
     assert kl[-1] < 0.5 * kl[0], kl
+
+
+@pytest.mark.parametrize("name", ["attn_copy", "attn_distill", "scratch", "fort_full", "fort_lora", "fort_bitfit"])
+def test_checkpoint_round_trip_and_views(fixture_backbone: Backbone, x: torch.Tensor, tmp_path, name: str) -> None:
+    """The new methods save/load through the card format and every view they list works."""
+    from toast_core import attention as A
+    from toast_core.checkpoints import load_module, save_module
+
+    method = build_method(name, fixture_backbone, 3, {"seed": 5}).eval()
+    loaded = load_module(save_module(method, tmp_path / name, task="t"), fixture_backbone).eval()
+    assert type(loaded) is type(method)
+    assert torch.allclose(loaded(x).logits, method(x).logits, atol=1e-6)
+    for view in method.views():
+        assert A.compute_view(view, method, x).map.shape == (2, 4, 4)

@@ -33,7 +33,7 @@ from torch import Tensor
 from toast_core.attention import area_share, cls_view, focus_share
 from toast_core.backbone import Backbone
 from toast_core.data.base import LabeledImages
-from toast_core.data.episodes import Episode, episodes
+from toast_core.data.episodes import Episode, episodes, sample_episode
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
 from toast_core.methods.fort import (
@@ -307,6 +307,39 @@ def summarise(spec: MethodSpec, config: FewShotConfig, results: list[EpisodeResu
     )
 
 
+def run_episodes(
+    backbone: Backbone,
+    data: LabeledImages,
+    specs: Sequence[MethodSpec],
+    config: FewShotConfig,
+    episode_ids: Sequence[int],
+    *,
+    progress: Callable[[EpisodeResult], None] | None = None,
+    deadline: float | None = None,
+) -> dict[str, list[EpisodeResult]]:
+    """Every method on the given episodes (episode i is drawn with seed (config.seed, i), so the same
+    ids give the same episodes to every method and every call: paired). A spec with `episodes=n` skips
+    ids >= n. `deadline` (a time.monotonic() value) stops before the next episode, keeping what finished."""
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"Method labels must be unique: {labels}.")
+    results: dict[str, list[EpisodeResult]] = {s.label: [] for s in specs}
+    for index in episode_ids:
+        active = [s for s in specs if s.episodes is None or index < s.episodes]
+        if not active:
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        episode = sample_episode(data, config.n_way, config.k_shot, config.n_query, (config.seed, index))
+        cache = _EpisodeCache(backbone, episode, config)
+        for spec in active:
+            res = run_episode(backbone, spec, episode, index, config, cache)
+            results[spec.label].append(res)
+            if progress is not None:
+                progress(res)
+    return results
+
+
 def evaluate_fewshot(
     backbone: Backbone,
     data: LabeledImages,
@@ -316,24 +349,12 @@ def evaluate_fewshot(
     progress: Callable[[EpisodeResult], None] | None = None,
     deadline: float | None = None,
 ) -> dict[str, FewShotSummary]:
-    """Every method on the same episodes (paired), episode by episode; `deadline` (time.monotonic())
-    stops early, keeping what finished. Returns summaries by label."""
+    """`config.episodes` paired episodes for every method; summaries (mean ± 95% CI) by label."""
     config = config or FewShotConfig()
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"Method labels must be unique: {labels}.")
-    results: dict[str, list[EpisodeResult]] = {s.label: [] for s in specs}
-    stream = episodes(data, config.n_way, config.k_shot, config.n_query, config.episodes, config.seed)
-    for index, episode in enumerate(stream):
-        active = [s for s in specs if s.episodes is None or index < s.episodes]
-        if not active or (deadline is not None and time.monotonic() > deadline):
-            break
-        cache = _EpisodeCache(backbone, episode, config)
-        for spec in active:
-            res = run_episode(backbone, spec, episode, index, config, cache)
-            results[spec.label].append(res)
-            if progress is not None:
-                progress(res)
+    episodes(data, config.n_way, config.k_shot, config.n_query, 0, config.seed)  # validate up front
+    results = run_episodes(
+        backbone, data, specs, config, range(config.episodes), progress=progress, deadline=deadline
+    )
     return {s.label: summarise(s, config, results[s.label]) for s in specs}
 
 
@@ -347,6 +368,7 @@ __all__ = [
     "official_n_way",
     "paired_difference",
     "run_episode",
+    "run_episodes",
     "score_queries",
     "summarise",
     "task_pool",

@@ -1,0 +1,96 @@
+"""The app in a real browser: Debian's Chromium driven by Playwright against `streamlit run app.py`.
+
+Uploads a generated PNG in the Explorer and waits for the comparison, submits a tiny run in the
+Tuning Lab and sees it finish, then sees the new module in the Explorer. Screenshots go to
+.test-artifacts/browser/. Runs on the fixture backbone (random weights) unless
+TOAST_LAB_BROWSER_BACKBONE=embedded. Skipped when /usr/bin/chromium or playwright is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks.app_latency import (
+    CHROMIUM,
+    LabServer,
+    compared,
+    launch_chromium,
+    png_bytes,
+    full_screenshot,
+    settle,
+    upload_on_explorer,
+    wait_text,
+)
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / ".test-artifacts" / "browser"
+BACKBONE = os.environ.get("TOAST_LAB_BROWSER_BACKBONE", "fixture")
+SLOW = 300  # seconds for anything that waits on the server (the test machine is shared)
+
+
+@pytest.fixture(scope="module")
+def browser_page(tmp_path_factory: pytest.TempPathFactory):
+    if not CHROMIUM.is_file():
+        pytest.skip("No /usr/bin/chromium (install Debian's chromium: apt-get install -y chromium).")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    runs = tmp_path_factory.mktemp("browser_runs")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(SLOW * 1000)
+        server = LabServer(runs, BACKBONE, ARTIFACTS / "server.log").start()
+        try:
+            server.wait_ready(SLOW)
+            yield page, server
+        finally:
+            server.stop()
+            browser.close()
+
+
+def shot(page, name: str) -> Path:
+    settle(page, timeout_s=SLOW)
+    return full_screenshot(page, ARTIFACTS / f"{name}.png")
+
+
+def test_upload_compare_tune_and_see_the_new_module(browser_page) -> None:
+    page, server = browser_page
+    page.goto(server.url)
+    page.get_by_role("heading", name="Attention Steering Lab").wait_for()
+    assert page.get_by_text("random weights").first.is_visible() or BACKBONE != "fixture"
+    shot(page, "home")
+
+    # Explorer: a generated PNG is decoded, resized and compared
+    page.goto(f"{server.url}/explorer")
+    wait_text(page, compared(1, "stars/test/0"), SLOW)
+    upload_on_explorer(page, "probe.png", png_bytes(7), SLOW)
+    wait_text(page, compared(1, "probe.png"), SLOW)
+    assert page.locator("[data-testid='stImage']").count() >= 2  # the image and one overlay
+    assert page.get_by_text(re.compile("Traceback")).count() == 0
+    shot(page, "explorer_upload")
+
+    # Tuning Lab: a tiny run is queued, trains in the background and finishes
+    page.goto(f"{server.url}/tuning_lab")
+    page.get_by_role("button", name="Submit run").wait_for()
+    for label, value in (("Steps", "4"), ("Batch size", "4"), ("Training images per class", "2"),
+                         ("Validation images per class", "1")):
+        field = page.get_by_label(label, exact=True)
+        field.fill(value)
+        field.press("Enter")
+        settle(page, timeout_s=SLOW)
+    page.get_by_role("button", name="Submit run").click()
+    wait_text(page, "Submitted run", SLOW)
+    wait_text(page, re.compile(r"Done: 4 steps"), SLOW)
+    shot(page, "tuning_lab_done")
+
+    # the finished module is offered everywhere: the Explorer now compares two modules
+    page.goto(f"{server.url}/explorer")
+    wait_text(page, compared(2, "stars/test/0"), SLOW)
+    assert page.get_by_text(re.compile(r"lora on stars")).count() >= 1
+    shot(page, "explorer_two_modules")
