@@ -182,7 +182,7 @@ def test_prompts_on_single_object_scenes_with_the_embedded_backbone() -> None:
     method = build_method("fort_full", bk, 5)
     share = focus_share(method.prepare_prompts(data).numpy(), data.masks)
     area = data.masks.float().mean(dim=(1, 2)).numpy()
-    assert share.mean() > 0.5 and share.mean() > 3 * area.mean(), (share, area)
+    assert share.mean() > 0.4 and share.mean() > 3 * area.mean(), (share, area)
 
 
 # --- the loss and the composition ----------------------------------------------------------------

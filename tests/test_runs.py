@@ -264,7 +264,7 @@ def test_concurrent_readers_never_see_a_torn_record(tmp_path, fixture_backbone):
                 problems.append(f"memory: step {s.step} after {last}, history {len(s.history)}")
             last = s.step
             reads["memory"] += 1
-            time.sleep(0)  # let the worker have the GIL: a reader is tight, not a busy-wait hog
+            time.sleep(0.001)  # tight, but leaves the worker the GIL now and then
 
     def read_disk() -> None:
         last_step, last_len = -1, -1
@@ -283,7 +283,7 @@ def test_concurrent_readers_never_see_a_torn_record(tmp_path, fixture_backbone):
                 problems.append(f"disk: went back from {last_step}/{last_len} to {status['step']}/{len(history)}")
             last_step, last_len = status["step"], len(history)
             reads["disk"] += 1
-            time.sleep(0)
+            time.sleep(0.001)
 
     readers = [threading.Thread(target=read_memory), threading.Thread(target=read_disk)]
     for t in readers:

@@ -397,10 +397,24 @@ def build_demo(ctx: DemoContext, examples: Sequence[str] | None = None) -> gr.Bl
     return demo
 
 
+def _warm_server_imports() -> None:
+    """Import what uvicorn imports when its server thread starts: Gradio gives that thread 5 s to
+    come up, which a busy machine can miss if the imports happen inside it."""
+    import importlib
+
+    for name in ("uvicorn.loops.auto", "uvicorn.loops.asyncio", "uvicorn.protocols.http.auto",
+                 "uvicorn.protocols.http.h11_impl", "uvicorn.protocols.websockets.auto", "uvicorn.lifespan.on"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 def launch(
     demo: gr.Blocks, port: int | None = None, host: str = "127.0.0.1", block: bool = True, quiet: bool = False
 ) -> Any:
     """Start the server (no SSR node process, uploads capped at MAX_IMAGE_MB)."""
+    _warm_server_imports()
     return demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet,
                        max_file_size=f"{MAX_IMAGE_MB}mb", ssr_mode=False, show_error=True)
 

@@ -635,7 +635,8 @@ class RunManager:
         with self._cond:
             rec = self._record(run_id)
             state = rec.status.state
-            if state == "queued":
+            was_queued = state == "queued"
+            if was_queued:
                 self._queue.remove(run_id)
                 rec.status.state, rec.status.ended = "cancelled", _now()
                 rec.status.cancel_requested_step = rec.status.step
@@ -648,7 +649,7 @@ class RunManager:
             else:
                 return False
         self._persist(rec, force=True)
-        if rec.status.state == "cancelled":
+        if was_queued:  # a running run is settled by its worker, after its last write
             rec.settled.set()
         return True
 
