@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     backbone = load_backbone("embedded", device="cpu")
     method = build_method(
-        "toast", backbone, len(SOURCE_CLASSES), {"seed": args.seed, "var_loss_weight": args.var_weight, "init": "scratch"}
+        "toast", backbone, len(SOURCE_CLASSES), {"seed": args.seed, "var_loss_weight": args.var_weight}
     )
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=1e-4,
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = train(method, source_stream(args.seed, "train"), None, config, callbacks=Callbacks(on_step=progress))
     images, targets, _ = source_batch(args.seed, "val", 0, args.val_images)
-    val_map = mean_average_precision(predict(method, images), targets)
+    val_map = mean_average_precision(predict(method, images, multilabel=True), targets)
     print(f"pass-2 source val mAP {val_map:.4f} after {result.steps_done} steps ({(time.time() - t0) / 60:.1f} min)", flush=True)
     method.config.var_loss_weight = 0.0  # a loss setting of stage 1, not part of the module
     card = save_module(

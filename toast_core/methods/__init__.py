@@ -22,6 +22,8 @@ BUILTIN: tuple[str, ...] = (
     "toast_core.methods.lora:LoRA",
     "toast_core.methods.vpt:VPT",
     "toast_core.methods.visual_prompt:VisualPrompt",
+    "toast_core.methods.toast:Toast",
+    "toast_core.methods.toast:ToastLite",
     "toast_core.methods.fort:FortFullFineTune",
     "toast_core.methods.fort:FortLoRA",
     "toast_core.methods.fort:FortBitFit",
