@@ -65,7 +65,7 @@ class LabServer:
 
     def start(self) -> LabServer:
         env = dict(os.environ, TOAST_LAB_BACKBONE=self.backbone, TOAST_LAB_RUNS_DIR=str(self.runs_dir),
-                   PYTHONPATH=str(ROOT), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+                   PYTHONPATH=os.environ.get("TOAST_LAB_EXTRA_PYTHONPATH", "") + str(ROOT), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
         cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
                "--server.port", str(self.port), "--server.address", "127.0.0.1",
                "--server.fileWatcherType", "none"]

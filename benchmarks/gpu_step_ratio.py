@@ -29,13 +29,19 @@ from toast_core.runs import RunConfig, RunManager, RunStatus  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny random fixture backbone (seconds, no checkpoint)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny random fixture backbone (seconds, no checkpoint)"
+    )
     ap.add_argument("--method", default="lora")
     ap.add_argument("--task", default="stars")
     ap.add_argument("--steps", type=int, default=None, help="default 30 (smoke: 6)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 32 (smoke: 8)")
-    ap.add_argument("--per-class", type=int, default=None, help="training images per class (default 8, smoke 1)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for the CPU run (default: all cores)")
+    ap.add_argument(
+        "--per-class", type=int, default=None, help="training images per class (default 8, smoke 1)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads for the CPU run (default: all cores)"
+    )
     return ap.parse_args(argv)
 
 
@@ -81,10 +87,12 @@ def main(argv: list[str] | None = None) -> None:
             manager.shutdown()
 
     size = backbone.layout.img_size
-    print(f"backbone {backbone.name} ({size[0]}x{size[1]} px), method {args.method}, task {args.task}, "
-          f"{steps} steps of {batch} images")
+    print(
+        f"backbone {backbone.name} ({size[0]}x{size[1]} px), method {args.method}, task {args.task}, "
+        f"{steps} steps of {batch} images"
+    )
     print(f"{'device':<8} {'threads':>7} {'amp':>5} {'ms/step':>9} {'ms/img':>8} {'peak MB':>8}  memory kind")
-    for device, s in rows:
+    for _device, s in rows:
         print(
             f"{s.device:<8} {s.threads or '-':>7} {s.amp:>5} {ms_per_step(s, batch):9.2f} "
             f"{s.timings['train_ms_per_img']:8.3f} {s.peak_mb or 0:8.1f}  {s.memory.get('kind')}"
@@ -93,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT gpu_vs_cpu_step_ratio=n/a reason=no-cuda")
         return
     cpu, gpu = ms_per_step(rows[0][1], batch), ms_per_step(rows[1][1], batch)
-    print(f"RESULT gpu_vs_cpu_step_ratio={gpu / cpu:.4f} gpu_speedup={cpu / gpu:.2f} "
-          f"cpu_ms_per_step={cpu:.2f} gpu_ms_per_step={gpu:.2f} device={torch.cuda.get_device_name(0).replace(' ', '_')}")
+    print(
+        f"RESULT gpu_vs_cpu_step_ratio={gpu / cpu:.4f} gpu_speedup={cpu / gpu:.2f} "
+        f"cpu_ms_per_step={cpu:.2f} gpu_ms_per_step={gpu:.2f} device={torch.cuda.get_device_name(0).replace(' ', '_')}"
+    )
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ METHODS: list[str] = [
     "lora",
     "vpt",
     "visual_prompt",
+    "toast",
+    "toast_scratch",
+    "toast_lite",
 ]
 
 #: settings shared by every run (the loop is the same for all methods)
@@ -76,6 +79,10 @@ HPARAMS: dict[str, dict[str, Any]] = {
     "vpt": {"steps": 50, "batch_size": 16, "lr": 1e-2, "config": {"num_tokens": 10, "deep": True}},
     # the official pixel-prompt recipe is SGD lr 40 for 1000 epochs; a short AdamW run mostly trains the head
     "visual_prompt": {"steps": 50, "batch_size": 16, "lr": 1e-2, "config": {"kind": "padding"}},
+    # TOAST stage 2 starts from the shipped pre-tuned module (init "auto"); the scratch row measures that
+    "toast": {"steps": 50, "batch_size": 16, "lr": 1e-3},
+    "toast_scratch": {"method": "toast", "steps": 50, "batch_size": 16, "lr": 1e-3, "config": {"init": "scratch"}},
+    "toast_lite": {"steps": 50, "batch_size": 16, "lr": 3e-3},
 }
 
 SPLIT_SIZES = {"train": 50, "val": 10, "test": 25}  # images per class
@@ -134,6 +141,7 @@ def run_method(
     device: str,
 ) -> dict[str, Any]:
     hp = dict(HPARAMS.get(name, {}))
+    registry_name = hp.pop("method", name)  # a row label may differ from its registry name
     config = {**hp.pop("config", {}), "seed": seed}
     base_steps = hp.pop("steps", 50)
     steps = SMOKE_STEPS if smoke else max(1, round(base_steps * steps_scale))
@@ -141,7 +149,7 @@ def run_method(
         hp["batch_size"] = min(hp.get("batch_size", 16), 8)
     cfg = TrainConfig(**{**COMMON, **hp, "steps": steps, "seed": seed, "device": device})
     t0 = time.perf_counter()
-    method = build_method(name, backbone, splits["train"].num_classes, config)
+    method = build_method(registry_name, backbone, splits["train"].num_classes, config)
     result: TrainResult = train(method, splits["train"], splits["val"], cfg)
     scores = score_split(method, splits["test"], cfg.eval_batch_size)
     return {

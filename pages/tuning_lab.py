@@ -17,6 +17,7 @@ from toast_core.data.zip_import import ZipImportError
 from toast_core.runs import ACTIVE_STATES, RunError, RunStatus
 from toast_core.viz import heatmap_image, normalise_maps, overlay
 
+POLL_S = 1.0  # seconds between refreshes of the run panel while a run is queued or running
 TASK_SOURCES = ("Built-in task", "Uploaded zip of class folders", "Few-shot episode")
 
 
@@ -254,7 +255,7 @@ def main() -> None:
         st.subheader("Runs")
         active = any(r.state in ACTIVE_STATES for r in manager.list(history=False))
         size = int(backbone.layout.img_size[0])
-        st.fragment(run_every=1.0 if active else None)(run_panel)(manager, size)
+        st.fragment(run_every=POLL_S if active else None)(run_panel)(manager, size)
         st.caption(f"Updated {time.strftime('%H:%M:%S')} · registry `{S.runs_root()}`")
 
 

@@ -21,13 +21,13 @@ WAIT_S = 60.0
 
 
 def cfg(**overrides) -> RunConfig:
-    """A tiny run: 8 star classes × 1 image at 32 px (the fixture backbone's size), 5 steps."""
+    """A tiny run: 8 star classes × 1 image at 32 px (the fixture backbone's size), 4 steps."""
     base = dict(
         method="linear",
         task="stars",
         per_class=1,
         val_per_class=1,
-        train=dict(steps=5, batch_size=4, lr=1e-2),
+        train=dict(steps=4, batch_size=4, lr=1e-2),
         snapshot_every=2,
         checkpoint_every=0,
     )
@@ -78,11 +78,18 @@ def test_config_is_checked_with_clear_messages(tmp_path):
     with pytest.raises(ValueError, match="episode:<n_way>"):
         cfg(task="episode:5:stars")
     ref = parse_task("episode:3:2:4:7:folder:/data/a:b")
-    assert (ref.kind, ref.path, ref.n_way, ref.k_shot, ref.n_query, ref.index) == ("episode", "/data/a:b", 3, 2, 4, 7)
+    assert (ref.kind, ref.path, ref.n_way, ref.k_shot, ref.n_query, ref.index) == (
+        "episode",
+        "/data/a:b",
+        3,
+        2,
+        4,
+        7,
+    )
     assert parse_task("folder:some/dir").path == "some/dir"
     round_trip = RunConfig.from_dict(json.loads(json.dumps(cfg(seed=3).to_dict())))
     assert round_trip.to_dict() == cfg(seed=3).to_dict()
-    assert round_trip.train_config.steps == 5
+    assert round_trip.train_config.steps == 4
 
 
 def test_submit_refuses_what_cannot_run_here(manager, tmp_path):
@@ -113,12 +120,12 @@ def test_three_runs_complete_in_queue_order(manager):
         assert before.ended <= after.started  # one CPU worker: strictly one after another, FIFO
     assert [s.run_id for s in manager.list()] == ids
     for s in finals:
-        assert s.step == s.total == 5 and len(s.history) == 5
-        assert [h["step"] for h in s.history] == [1, 2, 3, 4, 5]
+        assert s.step == s.total == 4 and len(s.history) == 4
+        assert [h["step"] for h in s.history] == [1, 2, 3, 4]
         assert "val_acc" in s.history[-1] and s.final["val_acc"] == s.history[-1]["val_acc"]
         assert s.device == "cpu" and s.threads == 1 and s.peak_mb is not None
         assert s.snapshot.shape == (4, 4) and s.snapshot_step == 4  # steps 0, 2, 4 snapshotted
-        assert s.epoch == pytest.approx(5 * 4 / 8)
+        assert s.epoch == pytest.approx(4 * 4 / 8)
         status, history = _disk(manager, s.run_id)
         assert status["state"] == "done" and history == s.history
         loaded = np.load(manager.run_dir(s.run_id) / "snapshot.npy", allow_pickle=False)
@@ -131,6 +138,8 @@ def test_three_runs_complete_in_queue_order(manager):
 def test_cancel_stops_within_one_step_and_leaves_a_consistent_record(manager):
     run_id = manager.submit(cfg(train=dict(steps=5000, batch_size=4), checkpoint_every=0, snapshot_every=0))
     _wait_for_step(manager, run_id, 3)
+    live = manager.status(run_id)
+    assert live.state == "running" and live.eta_s > 0 and live.epoch == pytest.approx(live.step * 4 / 8)
     assert manager.cancel(run_id)
     final = manager.wait(run_id, WAIT_S)
     assert final.state == "cancelled"
@@ -178,7 +187,7 @@ def test_a_failing_run_is_recorded_and_the_next_one_completes(manager, monkeypat
     assert s_bad.error == "RuntimeError: boom in the training loop"
     assert "flaky_train" in s_bad.traceback and "boom in the training loop" in s_bad.traceback
     assert s_range.state == "failed" and "probe_index 99 is out of range" in s_range.error
-    assert s_good.state == "done" and len(s_good.history) == 5
+    assert s_good.state == "done" and len(s_good.history) == 4
     status, _ = _disk(manager, bad)
     assert status["state"] == "failed" and "boom" in status["traceback"]
     with pytest.raises(RunError, match="only done runs"):
@@ -200,7 +209,9 @@ def test_cuda_out_of_memory_is_reported_with_the_batch_size(manager, monkeypatch
 def test_registry_survives_a_restart_and_an_interrupted_run_resumes(tmp_path, fixture_backbone):
     root = tmp_path / "runs"
     first = RunManager(root, fixture_backbone, cpu_threads=1)
-    done_ids = [first.wait(first.submit(cfg(method=m)), WAIT_S).run_id for m in ("linear", "vpt")]
+    done_id = first.submit(cfg(method="vpt"))
+    failed_id = first.submit(cfg(probe_index=99))  # fails in the worker: its error must survive too
+    done_ids = [first.wait(i, WAIT_S).run_id for i in (done_id, failed_id)]
     long_id = first.submit(cfg(train=dict(steps=12, batch_size=4), checkpoint_every=3))
     before = {i: first.status(i) for i in done_ids}
     # simulate a kill mid-run: stop the run, then leave its record as a dead process would ("running")
@@ -217,12 +228,15 @@ def test_registry_survives_a_restart_and_an_interrupted_run_resumes(tmp_path, fi
     assert [s.run_id for s in second.list()] == [*done_ids, long_id]
     for run_id, old in before.items():
         new = second.status(run_id)
-        assert new.state == "done"
+        assert new.state == old.state and new.error == old.error and new.traceback == old.traceback
         assert new.history == old.history and new.final == old.final
         assert new.timings == old.timings and new.memory == old.memory and new.step == old.step
-        np.testing.assert_array_equal(new.snapshot, old.snapshot)
+        if old.snapshot is not None:
+            np.testing.assert_array_equal(new.snapshot, old.snapshot)
     interrupted = second.status(long_id)
-    assert interrupted.state == "interrupted" and json.loads(status_path.read_text())["state"] == "interrupted"
+    assert (
+        interrupted.state == "interrupted" and json.loads(status_path.read_text())["state"] == "interrupted"
+    )
     assert len(interrupted.history) == killed.step
 
     # a done run's module gives back the validation accuracy it recorded
@@ -249,7 +263,7 @@ def test_registry_survives_a_restart_and_an_interrupted_run_resumes(tmp_path, fi
 
 def test_concurrent_readers_never_see_a_torn_record(tmp_path, fixture_backbone):
     mgr = RunManager(tmp_path / "runs", fixture_backbone, cpu_threads=1, status_interval_s=0.0)
-    run_id = mgr.submit(cfg(train=dict(steps=40, batch_size=4, eval_every=10), snapshot_every=3))
+    run_id = mgr.submit(cfg(train=dict(steps=24, batch_size=4, eval_every=8), snapshot_every=3))
     folder = mgr.run_dir(run_id)
     stop = threading.Event()
     problems: list[str] = []
@@ -280,7 +294,9 @@ def test_concurrent_readers_never_see_a_torn_record(tmp_path, fixture_backbone):
                 problems.append(f"disk: unreadable file ({exc})")
                 continue
             if status["step"] < last_step or len(history) < last_len:
-                problems.append(f"disk: went back from {last_step}/{last_len} to {status['step']}/{len(history)}")
+                problems.append(
+                    f"disk: went back from {last_step}/{last_len} to {status['step']}/{len(history)}"
+                )
             last_step, last_len = status["step"], len(history)
             reads["disk"] += 1
             time.sleep(0.001)
@@ -293,8 +309,8 @@ def test_concurrent_readers_never_see_a_torn_record(tmp_path, fixture_backbone):
     for t in readers:
         t.join()
     mgr.shutdown()
-    assert final.state == "done" and len(final.history) == 40
-    assert [h["step"] for h in final.history if "val_acc" in h] == [10, 20, 30, 40]
+    assert final.state == "done" and len(final.history) == 24
+    assert [h["step"] for h in final.history if "val_acc" in h] == [8, 16, 24]
     assert not problems, problems[:5]
     assert reads["memory"] > 10 and reads["disk"] > 10
 
@@ -311,12 +327,83 @@ def _image_folder(root: Path, per_class: int = 3) -> Path:
     return root
 
 
-def test_folder_and_episode_tasks(manager, tmp_path):
+def test_folder_and_episode_tasks_on_two_parallel_cpu_workers(tmp_path, fixture_backbone):
     folder = _image_folder(tmp_path / "shapes")
-    a = manager.submit(cfg(task=f"folder:{folder}", per_class=2, val_per_class=1, probe_index=1))
-    b = manager.submit(cfg(task=f"episode:2:1:2:folder:{folder}", probe_index=3))
-    s_a, s_b = manager.wait(a, WAIT_S), manager.wait(b, WAIT_S)
+    mgr = RunManager(tmp_path / "runs", fixture_backbone, cpu_workers=2)
+    assert mgr.cpu_threads == max(1, runs._cpu_cores() // 2)  # parallel runs share the cores
+    a = mgr.submit(cfg(task=f"folder:{folder}", per_class=2, val_per_class=1, probe_index=1))
+    b = mgr.submit(cfg(task=f"episode:2:1:2:folder:{folder}", probe_index=3))
+    s_a, s_b = mgr.wait(a, WAIT_S), mgr.wait(b, WAIT_S)
+    mgr.shutdown()
     assert s_a.state == "done", s_a.error
     assert (s_a.train_size, s_a.val_size, s_a.class_names) == (4, 2, ["class0", "class1"])
     assert s_b.state == "done", s_b.error
     assert (s_b.train_size, s_b.val_size) == (2, 4)
+    assert s_b.started < s_a.ended and s_a.started < s_b.ended  # both ran at once
+    assert s_a.threads == s_b.threads == mgr.cpu_threads
+
+
+# --- several managers on one registry -------------------------------------------------------------
+def test_a_second_manager_follows_runs_it_does_not_own(tmp_path, fixture_backbone):
+    root = tmp_path / "runs"
+    a = RunManager(root, fixture_backbone, cpu_threads=1)
+    long_id = a.submit(cfg(train=dict(steps=5000, batch_size=4), snapshot_every=0))
+    _wait_for_step(a, long_id, 2)
+    b = RunManager(root, fixture_backbone, cpu_threads=1)  # e.g. the app reopened beside a live one
+    seen = b.status(long_id)
+    assert seen.state == "running" and seen.owner == a.owner  # alive elsewhere: not "interrupted"
+    assert json.loads((a.run_dir(long_id) / "status.json").read_text())["state"] == "running"
+    with pytest.raises(RunError, match="another manager"):
+        b.delete(long_id)
+    assert b.cancel(long_id)  # forwarded to the manager that runs it
+    stopped = a.wait(long_id, WAIT_S)
+    followed = b.wait(long_id, WAIT_S)  # b follows it from disk
+    assert stopped.state == followed.state == "cancelled" and followed.step == stopped.step
+
+    new_id = a.wait(a.submit(cfg()), WAIT_S).run_id
+    assert new_id in b.rescan()  # a run written by another manager appears
+    assert b.status(new_id).history == a.status(new_id).history
+
+    b.resume(long_id)  # b takes the run over; a notices the change on disk
+    b.wait(long_id, WAIT_S)
+    a.rescan()
+    assert a.status(long_id).state == "running" or a.wait(long_id, WAIT_S).state == "cancelled"
+    with pytest.raises(RunError):
+        a.resume(long_id)  # b runs it, or has just finished it after b's cancel below
+    b.shutdown()
+    a.shutdown()
+
+
+def test_a_run_owned_by_a_live_process_is_left_alone_until_it_dies(tmp_path, fixture_backbone):
+    import subprocess
+    import sys
+
+    root = tmp_path / "runs"
+    first = RunManager(root, fixture_backbone, cpu_threads=1)
+    run_id = first.wait(first.submit(cfg()), WAIT_S).run_id
+    first.shutdown()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        status_path = root / run_id / "status.json"
+        raw = json.loads(status_path.read_text())
+        owner = {
+            "host": runs._HOST,
+            "pid": other.pid,
+            "start": runs._process_start(other.pid),
+            "manager": "x",
+        }
+        raw.update(state="running", owner=owner)
+        status_path.write_text(json.dumps(raw))
+        mgr = RunManager(root, fixture_backbone, cpu_threads=1)
+        assert mgr.status(run_id).state == "running"
+        with pytest.raises(RunError, match=f"another process \\(pid {other.pid}"):
+            mgr.cancel(run_id)
+        with pytest.raises(TimeoutError):
+            mgr.wait(run_id, timeout=0.2)
+    finally:
+        other.kill()
+        other.wait()
+    mgr.rescan()
+    assert mgr.status(run_id).state == "interrupted"
+    assert json.loads(status_path.read_text())["state"] == "interrupted"
+    mgr.shutdown()

@@ -6,12 +6,11 @@ explicit softmax attention, independently of toast_core.forward, the way the rel
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-import pytest
 
 from toast_core.backbone import Backbone, freeze, tiny_fixture_backbone, token_layout
 from toast_core.forward import Capture, Steer, pool, steered_forward
@@ -90,9 +89,12 @@ def reference_logits(
             q, k, v = blk.attn.qkv(u).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
             if td is not None:
                 bias = blk.attn.qkv.bias if td_bias else None
-                v = v + F.linear(td[layer], blk.attn.qkv.weight, bias).reshape(B, N, 3, H, C // H).permute(
-                    2, 0, 3, 1, 4
-                )[2]
+                v = (
+                    v
+                    + F.linear(td[layer], blk.attn.qkv.weight, bias)
+                    .reshape(B, N, 3, H, C // H)
+                    .permute(2, 0, 3, 1, 4)[2]
+                )
             attn = ((q @ k.transpose(-2, -1)) * blk.attn.scale).softmax(dim=-1)
             x = x + blk.attn.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
             x = x + blk.mlp(blk.norm2(x))
@@ -155,7 +157,9 @@ def test_official_compat_matches_reference_from_formulas(bb: Backbone, batch: in
     method = Toast(bb, CLASSES, ToastConfig(official_compat=True, seed=4))
     _strong_decoders(method)
     with torch.no_grad():
-        method.P.copy_(torch.eye(bb.layout.embed_dim) + 0.1 * torch.randn(bb.layout.embed_dim, bb.layout.embed_dim))
+        method.P.copy_(
+            torch.eye(bb.layout.embed_dim) + 0.1 * torch.randn(bb.layout.embed_dim, bb.layout.embed_dim)
+        )
         out = method(images)
     m = out.extras["selection"]
     assert m.shape == images.shape[:1] + (1 + bb.layout.num_patches,)
@@ -169,7 +173,9 @@ def test_official_compat_matches_reference_from_formulas(bb: Backbone, batch: in
     paper.load_state_dict(method.state_dict())
     with torch.no_grad():
         p_out = paper(images)
-    ref_paper = reference_logits(bb.model, method.head, images, method.xi.detach(), method.P.detach(), w1, w2, False)
+    ref_paper = reference_logits(
+        bb.model, method.head, images, method.xi.detach(), method.P.detach(), w1, w2, False
+    )
     torch.testing.assert_close(p_out.logits, ref_paper, rtol=0, atol=1e-5)
     assert (p_out.logits - out.logits).abs().max() > 1e-3
     # and pass 2 really differs from pass 1 (the feedback does something)
@@ -189,18 +195,17 @@ def test_folded_feedback_equals_the_chain(cls: type[Toast], bb: Backbone) -> Non
                 if cls is ToastLite:
                     lin.lora_B.copy_(torch.randn(d, 4, generator=gen))
         method.P.copy_(torch.eye(d) + 0.1 * torch.randn(d, d, generator=gen))
-    masked = torch.randn(4, 17, d, generator=gen)
-    grads = []
+    z = torch.randn(4, 17, d, generator=gen)
+    values, grads = [], []
     for fold in (False, True):
         method.zero_grad()
-        td = method.feedback(masked, fold=fold)
+        td = method.feedback(z, method.select(z), fold=fold)
         assert sorted(td) == list(range(DEPTH))
         sum((t * (l + 1)).sum() for l, t in td.items()).backward()
+        values.append({l: t.detach() for l, t in td.items()})
         grads.append({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
-        if fold:
-            for layer in range(DEPTH):
-                torch.testing.assert_close(td[layer], chain[layer], rtol=1e-5, atol=1e-5)
-        chain = {l: t.detach() for l, t in td.items()}
+    for layer in range(DEPTH):
+        torch.testing.assert_close(values[1][layer], values[0][layer], rtol=1e-5, atol=1e-5)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-4)
@@ -242,6 +247,7 @@ def _count_block_calls(bb: Backbone) -> tuple[list[int], list]:
     counts = [0] * bb.layout.depth
     handles = []
     for i, blk in enumerate(bb.model.blocks):
+
         def hook(*_: object, i: int = i) -> None:
             counts[i] += 1
 
@@ -313,7 +319,10 @@ def test_bad_variant_settings_are_refused(bb: Backbone) -> None:
 
 # --- losses and training ------------------------------------------------------------------------------
 def test_variational_loss_reaches_only_w1(bb: Backbone, images: Tensor) -> None:
-    for cls, cfg in ((Toast, ToastConfig(var_loss_weight=0.1)), (ToastLite, ToastLiteConfig(var_loss_weight=0.1))):
+    for cls, cfg in (
+        (Toast, ToastConfig(var_loss_weight=0.1)),
+        (ToastLite, ToastLiteConfig(var_loss_weight=0.1)),
+    ):
         method = cls(bb, CLASSES, cfg)
         out = method(images)
         losses = method.extra_losses(out, torch.zeros(images.shape[0], dtype=torch.long))
@@ -323,7 +332,8 @@ def test_variational_loss_reaches_only_w1(bb: Backbone, images: Tensor) -> None:
             touched = p.grad is not None and p.grad.abs().sum() > 0
             if not p.requires_grad:
                 assert p.grad is None, name
-            elif ".linear." in name:  # W1 (TOAST) or its LoRA factors (Lite; lora_B starts at 0 so A gets none)
+            elif ".linear." in name:
+                # W1 (TOAST) or its LoRA factors (Lite: lora_B starts at 0, so lora_A gets no gradient yet)
                 if not name.endswith("lora_A"):
                     assert touched, name
             else:
@@ -372,6 +382,27 @@ def test_training_lowers_loss_and_changes_only_trainables(lite: bool) -> None:
     assert all(torch.equal(v, backbone_before[k]) for k, v in bb.model.state_dict().items())
 
 
+def test_pretuning_through_the_project_training_loop() -> None:
+    """Stage 1 as toast_core.pretune runs it: task loss on pass 2 + the variational loss, P fixed."""
+    from toast_core.data.base import LabeledImages
+    from toast_core.train import TrainConfig, train
+
+    bb = tiny_fixture_backbone(depth=DEPTH)
+    gen = torch.Generator().manual_seed(3)
+    data = LabeledImages(
+        images=torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=gen),
+        labels=torch.arange(16) % CLASSES,
+        class_names=[f"c{i}" for i in range(CLASSES)],
+    )
+    method = Toast(bb, CLASSES, ToastConfig(var_loss_weight=0.1))
+    w1_before = method.decoders[0].linear.weight.clone()
+    result = train(method, data, None, TrainConfig(steps=12, batch_size=16, lr=1e-2, device="cpu", amp="off"))
+    first, last = result.history[0], result.history[-1]
+    assert last["variational"] < first["variational"] and last["loss"] < first["loss"]
+    assert not torch.equal(method.decoders[0].linear.weight, w1_before)
+    assert torch.equal(method.P, torch.eye(bb.layout.embed_dim))
+
+
 @pytest.mark.parametrize("cls", [Toast, ToastLite])
 def test_state_dict_round_trip_gives_identical_logits(cls: type[Toast], bb: Backbone, images: Tensor) -> None:
     trained = cls(bb, CLASSES)
@@ -404,14 +435,17 @@ def test_trainable_counts_match_vit_b_arithmetic() -> None:
     with torch.device("meta"):
         model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
     freeze(model)
-    bb = Backbone(model=model, name="vit_base", source="fixture", layout=token_layout(model), weights_hash="meta")
-    d, depth, classes = 768, 12, 200
+    bb = Backbone(
+        model=model, name="vit_base", source="fixture", layout=token_layout(model), weights_hash="meta"
+    )
+    d, classes = 768, 200
     head = d * classes + classes
     vit_b = sum(p.numel() for p in model.parameters())
     assert vit_b == 85_798_656
 
-    toast = Toast(bb, classes)
-    lite = ToastLite(bb, classes)
+    with torch.device("meta"):  # the modules too: no 14M-parameter init on a shared CPU
+        toast = Toast(bb, classes)
+        lite = ToastLite(bb, classes)
     assert toast.trainable_count() == 12 * 2 * 768**2 + 768 + head == 14_310_344
     assert lite.trainable_count() == 12 * 2 * (2 * 4 * 768) + 768 + 768**2 + head == 891_848
     # methods.md's ~14% / ~0.9% are the official code's count: trainable over the whole model
@@ -462,7 +496,9 @@ def test_import_maps_names_and_gives_official_logits(bb: Backbone, images: Tenso
     assert method.config.official_compat and method.num_classes == 7
     torch.testing.assert_close(method.decoders[2].linear.weight, official["enc.decoders.2.linear.weight"])
     head = nn.Linear(32, 7)
-    head.load_state_dict({"weight": official["head.last_layer.weight"], "bias": official["head.last_layer.bias"]})
+    head.load_state_dict(
+        {"weight": official["head.last_layer.weight"], "bias": official["head.last_layer.bias"]}
+    )
     w1 = [official[f"enc.decoders.{l}.linear.weight"] for l in range(DEPTH)]
     w2 = [official[f"enc.decoders.{l}.linear2.weight"] for l in range(DEPTH)]
     with torch.no_grad():

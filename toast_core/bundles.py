@@ -38,16 +38,16 @@ from toast_core.backbone import Backbone
 from toast_core.checkpoints import CheckpointError, load_module, paths_for, read_card
 from toast_core.data.zip_import import ZipImportError, _safe_parts
 from toast_core.runs import (
+    _STATUS_FIELDS,
     CONFIG_FILE,
-    FORMAT as RUN_FORMAT,
-    FORMAT_VERSION as RUN_FORMAT_VERSION,
     HISTORY_FILE,
     MODULE_STEM,
     SNAPSHOT_FILE,
     STATUS_FILE,
     RunStatus,
-    _STATUS_FIELDS,
 )
+from toast_core.runs import FORMAT as RUN_FORMAT
+from toast_core.runs import FORMAT_VERSION as RUN_FORMAT_VERSION
 
 BUNDLE_FORMAT = "toast-run-bundle"
 BUNDLE_VERSION = 1

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path

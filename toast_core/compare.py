@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from toast_core.attention import AttentionView, ViewUnavailable, compute_view, focus_metrics, method_label
 from toast_core.attention import VIEWS as VIEW_FUNCTIONS
+from toast_core.attention import AttentionView, ViewUnavailable, compute_view, focus_metrics, method_label
 from toast_core.backbone import Backbone
 from toast_core.data.base import to_model_input
 from toast_core.data.images import load_image, resize_for_model

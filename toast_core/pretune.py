@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     backbone = load_backbone("embedded", device="cpu")
     method = build_method(
-        "toast", backbone, len(SOURCE_CLASSES), {"seed": args.seed, "var_loss_weight": args.var_weight}
+        "toast", backbone, len(SOURCE_CLASSES), {"seed": args.seed, "var_loss_weight": args.var_weight, "init": "scratch"}
     )
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=1e-4,

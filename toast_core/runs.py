@@ -26,11 +26,13 @@ import json
 import math
 import os
 import shutil
+import socket
 import statistics
 import threading
 import time
 import traceback
 import uuid
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -105,7 +107,9 @@ def parse_task(task: str) -> TaskRef:
       built-in task or a `folder:` base; support = training set, query = validation set.
     """
     if not isinstance(task, str) or not task.strip():
-        raise ValueError("task must be a non-empty string (a built-in task name, 'folder:<path>' or 'episode:...').")
+        raise ValueError(
+            "task must be a non-empty string (a built-in task name, 'folder:<path>' or 'episode:...')."
+        )
     task = task.strip()
     if task.startswith(FOLDER_PREFIX):
         path = task[len(FOLDER_PREFIX) :].strip()
@@ -140,9 +144,16 @@ def _parse_episode(task: str) -> TaskRef:
         raise ValueError(f"Episode task '{task}': n_way, k_shot and n_query must be at least 1.")
     inner = parse_task(base)
     if inner.kind == "episode":
-        raise ValueError(f"Episode task '{task}': the base must be a built-in task or a folder, not an episode.")
+        raise ValueError(
+            f"Episode task '{task}': the base must be a built-in task or a folder, not an episode."
+        )
     return TaskRef(
-        "episode", name=inner.name, path=inner.path, n_way=n_way, k_shot=k_shot, n_query=n_query,
+        "episode",
+        name=inner.name,
+        path=inner.path,
+        n_way=n_way,
+        k_shot=k_shot,
+        n_query=n_query,
         index=numbers[3] if len(numbers) == 4 else 0,
     )
 
@@ -171,7 +182,9 @@ def _train_config(value: TrainConfig | dict[str, Any] | None) -> TrainConfig:
         )
     unknown = sorted(k for k in value if k not in valid)
     if unknown:
-        raise ValueError(f"Unknown training setting(s): {', '.join(unknown)}. Valid settings: {', '.join(valid)}.")
+        raise ValueError(
+            f"Unknown training setting(s): {', '.join(unknown)}. Valid settings: {', '.join(valid)}."
+        )
     return TrainConfig(**value)
 
 
@@ -202,9 +215,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.method not in method_names():
-            raise ValueError(f"Unknown steering method '{self.method}'. Known methods: {', '.join(method_names())}.")
+            raise ValueError(
+                f"Unknown steering method '{self.method}'. Known methods: {', '.join(method_names())}."
+            )
         if not isinstance(self.method_config, dict):
-            raise ValueError(f"method_config must be a dict of the method's settings, got {type(self.method_config).__name__}.")
+            raise ValueError(
+                f"method_config must be a dict of the method's settings, got {type(self.method_config).__name__}."
+            )
         try:
             config_for(self.method, **self.method_config)
         except UnknownMethod as exc:  # pragma: no cover - checked above
@@ -214,7 +231,13 @@ class RunConfig:
         parse_task(self.task)
         if self.name is not None and not isinstance(self.name, str):
             raise ValueError("name must be a string or None.")
-        for key, low in (("per_class", 1), ("val_per_class", 0), ("probe_index", 0), ("snapshot_every", 0), ("checkpoint_every", 0)):
+        for key, low in (
+            ("per_class", 1),
+            ("val_per_class", 0),
+            ("probe_index", 0),
+            ("snapshot_every", 0),
+            ("checkpoint_every", 0),
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}; got {value!r}.")
@@ -223,7 +246,9 @@ class RunConfig:
                 raise ValueError(f"{key} must be an integer; got {getattr(self, key)!r}.")
         device = str(self.device).lower()
         base = device.split(":", 1)[0]
-        if base not in RUN_DEVICES or (":" in device and (base != "cuda" or not device.split(":", 1)[1].isdigit())):
+        if base not in RUN_DEVICES or (
+            ":" in device and (base != "cuda" or not device.split(":", 1)[1].isdigit())
+        ):
             raise ValueError(f"device must be one of auto, cpu, cuda or cuda:<index>; got {self.device!r}.")
         self.device = device
         self.train = _train_config(self.train)
@@ -240,7 +265,9 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["method_config"] = copy.deepcopy(self.method_config)
-        out["train"] = {k: v for k, v in self.train_config.to_dict().items() if k not in RUN_OWNED_TRAIN_FIELDS}
+        out["train"] = {
+            k: v for k, v in self.train_config.to_dict().items() if k not in RUN_OWNED_TRAIN_FIELDS
+        }
         return out
 
     @classmethod
@@ -248,7 +275,9 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in data if k not in known)
         if unknown:
-            raise ValueError(f"Unknown run setting(s): {', '.join(unknown)}. Valid settings: {', '.join(sorted(known))}.")
+            raise ValueError(
+                f"Unknown run setting(s): {', '.join(unknown)}. Valid settings: {', '.join(sorted(known))}."
+            )
         return cls(**copy.deepcopy(data))
 
 
@@ -267,7 +296,9 @@ def _load_folder(path: str, size: int, max_per_class: int | None = None) -> Labe
     return load_image_folder(Path(path), size=size, max_images_per_class=max_per_class)
 
 
-def _split_per_class(data: LabeledImages, val_per_class: int, seed: int) -> tuple[LabeledImages, LabeledImages | None]:
+def _split_per_class(
+    data: LabeledImages, val_per_class: int, seed: int
+) -> tuple[LabeledImages, LabeledImages | None]:
     """Hold out up to `val_per_class` images of each class (always leaving one for training)."""
     if val_per_class <= 0:
         return data, None
@@ -362,6 +393,8 @@ class RunStatus:
     backbone: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     note: str | None = None
+    #: the process and manager that runs it (host, pid, process start, manager token)
+    owner: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -412,13 +445,17 @@ class _Record:
     written_revs: tuple[int, int] = (0, 0)
     resume_path: str | None = None
     batch_size: int = 0
+    #: run by another live manager (another process, or another manager in this one): followed from disk
+    external: bool = False
+    #: mtime (ns) of status.json as last read or written here, to notice writes by others
+    disk_mtime: int = 0
 
     def snapshot(self, with_history: bool = True) -> RunStatus:
         s = self.status
         out = dataclasses.replace(s)
         out.history = [dict(h) for h in s.history] if with_history else []
         out.snapshot = None if s.snapshot is None else s.snapshot.copy()
-        for name in ("memory", "final", "timings", "backbone", "config"):
+        for name in ("memory", "final", "timings", "backbone", "config", "owner"):
             setattr(out, name, copy.deepcopy(getattr(s, name)))
         out.class_names = None if s.class_names is None else list(s.class_names)
         return out
@@ -458,6 +495,32 @@ def _new_run_id(method: str) -> str:
     return f"{stamp}-{method}-{uuid.uuid4().hex[:6]}"
 
 
+_HOST = socket.gethostname()
+#: managers alive in this process, so a second manager on the same root leaves their runs alone
+_LIVE_MANAGERS: weakref.WeakSet[RunManager] = weakref.WeakSet()
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (Linux /proc, clock ticks since boot), to tell a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, someone else's
+    except OSError:
+        return False
+    now = _process_start(pid)
+    return not (start and now and now != start)
+
+
 def _resume_train_config(base: TrainConfig, offset: int) -> TrainConfig:
     """The remaining steps of `base` after `offset` done: lr continues from the schedule's value there."""
     remaining = max(0, base.steps - offset)
@@ -478,7 +541,9 @@ def _resume_train_config(base: TrainConfig, offset: int) -> TrainConfig:
 class _Listener:
     """train() callbacks: update the live record under the lock, write it out (throttled), checkpoint."""
 
-    def __init__(self, manager: RunManager, record: _Record, method: SteeringMethod, offset: int, n_train: int):
+    def __init__(
+        self, manager: RunManager, record: _Record, method: SteeringMethod, offset: int, n_train: int
+    ):
         self.manager, self.record, self.method = manager, record, method
         self.offset, self.n_train = offset, max(1, n_train)
 
@@ -528,9 +593,13 @@ class RunManager:
 
     Workers: `cpu_workers` CPU threads (each run gets max(1, cores // cpu_workers) torch threads, so
     parallel runs do not oversubscribe the CPU; `cpu_threads` overrides that, e.g. 1 on a machine
-    shared with other jobs) and `gpu_workers_per_device` threads per visible CUDA device. A run goes to the first free worker of its device, in submission order.
-    The backbone is shared read-only; a run asking for another device than the backbone's gets a
-    copy of it on that device (made once, then reused).
+    shared with other jobs) and `gpu_workers_per_device` threads per visible CUDA device (default 1:
+    one GPU run at a time per device). A run goes to the first free worker of its device, in
+    submission order. The backbone is shared read-only; a run asking for another device than the
+    backbone's gets a frozen copy of it on that device (made once, then reused). Several managers
+    (or processes, e.g. the CLI beside the app) may share a root: a run is written only by the
+    manager running it; the others follow it from disk (`rescan`, which `list` does at most once a
+    second) and never mark it interrupted while its owner is alive.
     """
 
     def __init__(
@@ -561,8 +630,18 @@ class RunManager:
         self._closing = False
         self._backbones: dict[str, Backbone] = {}
         self._backbone_lock = threading.Lock()
+        self._rescan_lock = threading.Lock()
+        self._last_rescan = time.monotonic()
+        self._token = uuid.uuid4().hex
+        self.owner = {
+            "host": _HOST,
+            "pid": os.getpid(),
+            "start": _process_start(os.getpid()),
+            "manager": self._token,
+        }
         self.unreadable: dict[str, str] = {}
         self._load_registry()
+        _LIVE_MANAGERS.add(self)
         self.worker_devices = ["cpu"] * cpu_workers
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):
@@ -602,9 +681,14 @@ class RunManager:
             updated=_now(),
             backbone={"name": backbone.name, "weights_hash": backbone.weights_hash},
             config=_clean(config.to_dict()),
+            owner=dict(self.owner),
         )
         rec = _Record(
-            status=status, config=config, target=target, batch_size=config.train_config.batch_size, history_rev=1
+            status=status,
+            config=config,
+            target=target,
+            batch_size=config.train_config.batch_size,
+            history_rev=1,
         )
         self.run_dir(run_id).mkdir(parents=True, exist_ok=False)
         _write_json(self.run_dir(run_id) / CONFIG_FILE, status.config)
@@ -622,16 +706,32 @@ class RunManager:
     def status(self, run_id: str, *, history: bool = True) -> RunStatus:
         """A deep copy of the run's record right now (cheap: readers never wait on a training step)."""
         with self._lock:
+            external = self._record(run_id).external
+        if external:
+            self._maybe_rescan()
+        with self._lock:
             return self._record(run_id).snapshot(with_history=history)
 
     def list(self, *, history: bool = True) -> list[RunStatus]:
-        """Every run in this registry, oldest first."""
+        """Every run in this registry, oldest first (new folders on disk are picked up, see `rescan`)."""
+        self._maybe_rescan()
         with self._lock:
             records = sorted(self._records.values(), key=lambda r: (r.status.created, r.status.run_id))
             return [r.snapshot(with_history=history) for r in records]
 
     def cancel(self, run_id: str) -> bool:
         """Stop a queued run now, or a running one before its next step; False if already finished."""
+        with self._cond:
+            rec = self._record(run_id)
+            external, owner = rec.external, dict(rec.status.owner)
+        if external:  # another manager runs it: ask it, if it lives in this process
+            other = self._live_manager(owner)
+            if other is None:
+                raise RunError(
+                    f"Run '{run_id}' is run by another process (pid {owner.get('pid')} on {owner.get('host')}); "
+                    "cancel it there."
+                )
+            return other.cancel(run_id)
         with self._cond:
             rec = self._record(run_id)
             state = rec.status.state
@@ -655,21 +755,36 @@ class RunManager:
 
     def wait(self, run_id: str, timeout: float | None = None) -> RunStatus:
         """Block until the run has finished and its record is on disk; TimeoutError after `timeout` s."""
-        with self._lock:
-            settled = self._record(run_id).settled
-        if not settled.wait(timeout):
-            raise TimeoutError(f"Run '{run_id}' is still {self.status(run_id, history=False).state} after {timeout} s.")
-        return self.status(run_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                rec = self._record(run_id)
+                settled, external = rec.settled, rec.external
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = min(0.5, left if left is not None else 0.5) if external else left
+            if settled.wait(step):
+                return self.status(run_id)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"Run '{run_id}' is still {self.status(run_id, history=False).state} after {timeout} s."
+                )
+            if external:
+                self.rescan()
 
     def resume(self, run_id: str) -> str:
         """Re-queue an interrupted (or cancelled / failed) run, from `checkpoint_last` when there is one."""
         backbone = self._require_backbone()
+        self.rescan()  # another manager may have resumed or deleted it meanwhile
         with self._cond:
             rec = self._record(run_id)
             if rec.status.state not in RESUMABLE_STATES:
-                raise RunError(f"Run '{run_id}' is {rec.status.state}; only {', '.join(sorted(RESUMABLE_STATES))} runs can be resumed.")
+                raise RunError(
+                    f"Run '{run_id}' is {rec.status.state}; only {', '.join(sorted(RESUMABLE_STATES))} runs can be resumed."
+                )
             if rec.config is None:
-                raise RunError(f"Run '{run_id}' has a config this library cannot read ({rec.status.note}); it cannot be resumed.")
+                raise RunError(
+                    f"Run '{run_id}' has a config this library cannot read ({rec.status.note}); it cannot be resumed."
+                )
             saved_hash = rec.status.backbone.get("weights_hash")
             if saved_hash and saved_hash != backbone.weights_hash:
                 raise RunError(
@@ -681,10 +796,13 @@ class RunManager:
         with self._cond:
             if self._closing:
                 raise RunError("This RunManager has been shut down; start a new one to resume runs.")
+            if rec.status.state not in RESUMABLE_STATES or self._records.get(run_id) is not rec:
+                raise RunError(f"Run '{run_id}' changed meanwhile (now {rec.status.state}); not resumed.")
             s = rec.status
             s.history = [h for h in s.history if h.get("step", 0) <= offset]
             rec.history_rev += 1
             s.step, s.resumed_from, s.state = offset, offset, "queued"
+            s.owner = dict(self.owner)
             s.error = s.error_kind = s.traceback = None
             s.cancel_requested_step, s.ended, s.eta_s, s.note = None, None, None, note
             s.epoch = offset * rec.batch_size / max(1, s.train_size or 1)
@@ -709,8 +827,12 @@ class RunManager:
         """Remove a finished (or still queued) run and its files; a running run must be cancelled first."""
         with self._cond:
             rec = self._record(run_id)
+            if rec.external:
+                raise RunError(f"Run '{run_id}' is being run by another manager; it cannot be deleted now.")
             if rec.status.state == "running":
-                raise RunError(f"Run '{run_id}' is running; cancel it and wait for it to stop before deleting.")
+                raise RunError(
+                    f"Run '{run_id}' is running; cancel it and wait for it to stop before deleting."
+                )
             if rec.status.state == "queued":
                 self._queue.remove(run_id)
             del self._records[run_id]
@@ -723,9 +845,12 @@ class RunManager:
 
     def shutdown(self, *, cancel: bool = True, wait: bool = True, timeout: float | None = None) -> None:
         """Stop the workers. `cancel`: cancel queued and running runs (else the queue drains first)."""
+        _LIVE_MANAGERS.discard(self)
         with self._cond:
             self._closing = True
-            active = [r for r, rec in self._records.items() if rec.status.state in ACTIVE_STATES] if cancel else []
+            active = (
+                [r for r, rec in self._records.items() if rec.status.state in ACTIVE_STATES] if cancel else []
+            )
             self._cond.notify_all()
         for run_id in active:  # outside the lock: cancel() writes the record (io lock before state lock)
             self.cancel(run_id)
@@ -754,7 +879,9 @@ class RunManager:
 
     def _require_backbone(self) -> Backbone:
         if self.backbone is None:
-            raise RunError("This RunManager was opened without a backbone; it can list runs but not train or load them.")
+            raise RunError(
+                "This RunManager was opened without a backbone; it can list runs but not train or load them."
+            )
         return self.backbone
 
     def _target_device(self, device: str) -> str:
@@ -765,7 +892,9 @@ class RunManager:
             if not torch.cuda.is_available():
                 raise ValueError(f"Device '{device}' was asked for but no CUDA GPU is visible to PyTorch.")
             if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
-                raise ValueError(f"Device '{device}' does not exist; {torch.cuda.device_count()} GPU(s) are visible.")
+                raise ValueError(
+                    f"Device '{device}' does not exist; {torch.cuda.device_count()} GPU(s) are visible."
+                )
             if self.gpu_workers_per_device == 0:
                 raise ValueError("This RunManager has no GPU workers (gpu_workers_per_device=0).")
         elif self.cpu_workers == 0:
@@ -815,21 +944,25 @@ class RunManager:
 
     def _execute(self, rec: _Record, device: str) -> None:
         """Run one segment; every failure ends in the record, never in the worker thread."""
+        out_of_memory = False
         try:
             result, method, class_names = self._train(rec, device)
             self._finish(rec, result, method, class_names)
         except torch.cuda.OutOfMemoryError as exc:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            bs = rec.batch_size
+            out_of_memory = True
+            assert rec.config is not None
+            first_line = (str(exc).splitlines() or ["OutOfMemoryError"])[0]
             self._fail(
                 rec,
-                f"CUDA out of memory on {device} at batch size {bs}: lower batch_size (or use the CPU) "
-                f"and resubmit. ({str(exc).splitlines()[0] if str(exc) else 'OutOfMemoryError'})",
+                f"CUDA out of memory on {device} at batch size {rec.batch_size} (evaluation batch size "
+                f"{rec.config.train_config.eval_batch_size}): lower batch_size or use the CPU, and "
+                f"resubmit. ({first_line})",
                 "oom",
             )
         except Exception as exc:
             self._fail(rec, f"{type(exc).__name__}: {exc}", "exception")
+        if out_of_memory and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # after the except block: the traceback no longer holds the tensors
 
     def _train(self, rec: _Record, device: str) -> tuple[TrainResult, SteeringMethod, list[str]]:
         config = rec.config
@@ -868,7 +1001,9 @@ class RunManager:
         result.history = [dict(_clean(h), step=offset + int(h["step"])) for h in result.history]
         return result, method, list(train_set.class_names)
 
-    def _starting_module(self, rec: _Record, backbone: Backbone, num_classes: int) -> tuple[SteeringMethod, int]:
+    def _starting_module(
+        self, rec: _Record, backbone: Backbone, num_classes: int
+    ) -> tuple[SteeringMethod, int]:
         """(module, steps already done): checkpoint_last when resuming from one, else a fresh module.
 
         A checkpoint that no longer loads (e.g. the process died between its two files) restarts the
@@ -887,11 +1022,15 @@ class RunManager:
                 rec.resume_path = None
             else:
                 if method.num_classes != num_classes:
-                    raise ValueError(f"The checkpoint has {method.num_classes} classes but the task now has {num_classes}.")
+                    raise ValueError(
+                        f"The checkpoint has {method.num_classes} classes but the task now has {num_classes}."
+                    )
                 return method, rec.status.resumed_from or 0
         return build_method(config.method, backbone, num_classes, config.method_config), 0
 
-    def _finish(self, rec: _Record, result: TrainResult, method: SteeringMethod, class_names: list[str]) -> None:
+    def _finish(
+        self, rec: _Record, result: TrainResult, method: SteeringMethod, class_names: list[str]
+    ) -> None:
         """Write the module (final, or checkpoint_last for a cancelled run) and the terminal record."""
         offset = rec.status.resumed_from or 0
         steps_done = offset + result.steps_done
@@ -948,7 +1087,11 @@ class RunManager:
             method,
             self.run_dir(rec.status.run_id) / CHECKPOINT_STEM,
             task=rec.status.task,
-            extra={"class_names": rec.status.class_names, "run_id": rec.status.run_id, "steps_done": steps_done},
+            extra={
+                "class_names": rec.status.class_names,
+                "run_id": rec.status.run_id,
+                "steps_done": steps_done,
+            },
         )
         with self._lock:
             rec.status.checkpoint_last_step = steps_done
@@ -988,31 +1131,177 @@ class RunManager:
                 status = {name: copy.deepcopy(getattr(s, name)) for name in _STATUS_FIELDS}
             status.update(format=FORMAT, format_version=FORMAT_VERSION, history_len=history_len)
             folder = self.run_dir(s.run_id)
-            if history is not None:
-                _write_json(folder / HISTORY_FILE, history)
-            if snapshot is not None:
-                _write_npy(folder / SNAPSHOT_FILE, snapshot)
-            _write_json(folder / STATUS_FILE, _clean(status))
+            try:
+                if history is not None:
+                    _write_json(folder / HISTORY_FILE, history)
+                if snapshot is not None:
+                    _write_npy(folder / SNAPSHOT_FILE, snapshot)
+                _write_json(folder / STATUS_FILE, _clean(status))
+                rec.disk_mtime = (folder / STATUS_FILE).stat().st_mtime_ns
+            except OSError as exc:
+                # disk full, folder removed: the run goes on and its record in memory stays right
+                with self._lock:
+                    s.note = f"could not write the record to disk: {exc}"
+                return
             rec.written_revs = revs
 
     # --- reading the registry -----------------------------------------------------------------
     def _load_registry(self) -> None:
         """Read every run folder; runs that were queued or running when their manager died become interrupted."""
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for folder in self._run_folders():
             try:
                 rec = self._read_record(folder)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 self.unreadable[folder.name] = f"{type(exc).__name__}: {exc}"
                 continue
-            self._records[rec.status.run_id] = rec
-            if rec.status.state in ACTIVE_STATES:
-                rec.status.state = "interrupted"
-                rec.status.eta_s = None
-                rec.status.note = "interrupted: the app stopped while this run was queued or running"
-                self._persist(rec, force=True)
+            self._adopt(rec)
+
+    def _run_folders(self) -> list[Path]:
+        try:
+            return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return []
+
+    def _live_manager(self, owner: dict[str, Any]) -> RunManager | None:
+        """The live manager in this process with this owner token, if any."""
+        if owner.get("host") != _HOST or owner.get("pid") != os.getpid():
+            return None
+        for manager in list(_LIVE_MANAGERS):
+            if manager is not self and manager._token == owner.get("manager"):
+                return manager
+        return None
+
+    def _running_elsewhere(self, run_id: str, owner: dict[str, Any]) -> bool:
+        """Whether the run's owner still runs it: a live manager here that has it active, or a live pid."""
+        if not owner or owner.get("host") != _HOST or owner.get("manager") == self._token:
+            return False
+        if owner.get("pid") == os.getpid():
+            other = self._live_manager(owner)
+            if other is None:
+                return False
+            with other._lock:
+                theirs = other._records.get(run_id)
+                return theirs is not None and not theirs.external and theirs.status.state in ACTIVE_STATES
+        try:
+            return _pid_alive(int(owner["pid"]), owner.get("start"))
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    def _adopt(self, rec: _Record) -> bool:
+        """Take in a record read from disk (without holding the lock); False if the id is known already.
+
+        A queued / running run whose owner is gone becomes `interrupted`; one whose owner is alive is
+        followed from disk (`external`) and left alone.
+        """
+        s = rec.status
+        interrupted = False
+        if s.state in ACTIVE_STATES:
+            if self._running_elsewhere(s.run_id, s.owner):
+                rec.external = True
+            else:
+                s.state, s.eta_s, interrupted = "interrupted", None, True
+                s.note = "interrupted: the app stopped while this run was queued or running"
+        with self._lock:
+            if s.run_id in self._records:
+                return False
+            self._records[s.run_id] = rec
+        if interrupted:
+            self._persist(rec, force=True)
+        if not rec.external:
             rec.settled.set()
+        return True
+
+    def _maybe_rescan(self, every_s: float = 1.0) -> None:
+        if time.monotonic() - self._last_rescan >= every_s:
+            self.rescan()
+
+    def rescan(self) -> list[str]:
+        """Sync with the folder: pick up runs that other managers or processes added or changed (the
+        CLI, an imported bundle, a resume elsewhere), follow the runs they are running, and drop
+        finished runs whose folder was deleted. Returns the ids new here. Cheap: one stat per run,
+        a read only where status.json changed; `list` calls it at most once a second."""
+        if not self._rescan_lock.acquire(blocking=False):
+            return []  # another thread is at it
+        try:
+            self._last_rescan = time.monotonic()
+            with self._lock:
+                known = {
+                    r: (rec.external, rec.status.state in ACTIVE_STATES, rec.disk_mtime)
+                    for r, rec in self._records.items()
+                }
+            folders = {p.name: p for p in self._run_folders()}
+            added: list[str] = []
+            for name in sorted(folders):
+                info = known.get(name)
+                if info is not None and not self._changed_on_disk(folders[name], *info):
+                    continue
+                try:
+                    rec = self._read_record(folders[name])
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    if info is None:
+                        self.unreadable[name] = f"{type(exc).__name__}: {exc}"
+                    continue
+                self.unreadable.pop(name, None)
+                if info is not None:
+                    self._refresh(name, rec)
+                elif self._adopt(rec):
+                    added.append(name)
+            with self._lock:
+                gone = [
+                    self._records.pop(r)
+                    for r in sorted(set(known) - set(folders))
+                    if r in self._records
+                    and (self._records[r].external or self._records[r].status.state not in ACTIVE_STATES)
+                ]
+            for rec in gone:
+                rec.settled.set()
+            return added
+        finally:
+            self._rescan_lock.release()
+
+    @staticmethod
+    def _changed_on_disk(folder: Path, external: bool, active: bool, mtime: int) -> bool:
+        """Whether a known run needs re-reading: followed runs always, our own active runs never."""
+        if external:
+            return True
+        if active:
+            return False  # this manager writes it
+        try:
+            return (folder / STATUS_FILE).stat().st_mtime_ns != mtime
+        except OSError:
+            return False
+
+    def _refresh(self, run_id: str, fresh: _Record) -> None:
+        """Take what another manager wrote for a run this one is not running: follow it while its
+        owner runs it, take it over as `interrupted` if the owner died mid-run."""
+        active = fresh.status.state in ACTIVE_STATES
+        alive = active and self._running_elsewhere(run_id, fresh.status.owner)
+        with self._lock:
+            rec = self._records.get(run_id)
+            if rec is None or (rec.status.state in ACTIVE_STATES and not rec.external):
+                return  # deleted, or started here meanwhile
+            rec.status, rec.config, rec.batch_size = fresh.status, fresh.config, fresh.batch_size
+            rec.disk_mtime, rec.history_rev, rec.snapshot_rev, rec.written_revs = (
+                fresh.disk_mtime,
+                0,
+                0,
+                (0, 0),
+            )
+            if alive:
+                if not rec.external:
+                    rec.external, rec.settled = True, threading.Event()
+                return
+            rec.external = False
+            if active:
+                s = rec.status
+                s.state, s.eta_s = "interrupted", None
+                s.note = "interrupted: the process running it stopped"
+        if active:
+            self._persist(rec, force=True)
+        rec.settled.set()
 
     def _read_record(self, folder: Path) -> _Record:
+        mtime = (folder / STATUS_FILE).stat().st_mtime_ns  # before reading: a later write is noticed
         raw = _read_json(folder / STATUS_FILE)
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise ValueError(f"{STATUS_FILE} is not a run record (format '{FORMAT}').")
@@ -1031,7 +1320,7 @@ class RunManager:
             config: RunConfig | None = RunConfig.from_dict(config_raw)
         except (ValueError, TypeError) as exc:
             config, status.note = None, f"config unreadable here: {exc}"
-        rec = _Record(status=status, config=config)
+        rec = _Record(status=status, config=config, disk_mtime=mtime)
         if config is not None:
             rec.batch_size = config.train_config.batch_size
         return rec

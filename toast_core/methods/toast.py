@@ -30,20 +30,22 @@ A Kaiming, loralib's layout), trainable with ξ, P and the head.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from toast_core.backbone import Backbone
 from toast_core.forward import (
     NOTHING,
     Capture,
-    LayerSpec,
     Steer,
     SteeredOutput,
     pool,
@@ -53,6 +55,8 @@ from toast_core.forward import (
 from toast_core.methods.base import MethodConfig, MethodOutput, SteeringMethod
 
 CAPTURE_FIELDS = ("cls_attn", "attn", "attn_logits", "block_inputs", "block_outputs")
+INIT_MODES = ("auto", "pretuned", "scratch")
+PRETUNED_STEM = Path(__file__).resolve().parents[2] / "checkpoints" / "toast_pretuned"
 DECODER_INIT_STD = 0.02  # the released model's init_weights_vit_timm: trunc_normal(std=.02) on every Linear
 
 
@@ -74,8 +78,13 @@ class ToastConfig(MethodConfig):
     train_P: bool = False
     #: λ of the variational loss (0 in tuning, 0.1 in pre-tuning)
     var_loss_weight: float = 0.0
+    #: where decoders and ξ start: "auto" = the pre-tuned module shipped for this backbone when there
+    #: is one (else random), "pretuned" = require it, "scratch" = random init (to measure the difference)
+    init: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.init not in INIT_MODES:
+            raise ValueError(f"init must be one of {', '.join(INIT_MODES)}, got {self.init!r}.")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}.")
         if self.var_loss_weight < 0:
@@ -158,10 +167,6 @@ def _matrix(layer: nn.Module) -> Tensor:
     return layer.merged_weight() if isinstance(layer, LoRALinear) else layer.weight
 
 
-def _layers(spec: LayerSpec, depth: int) -> frozenset[int]:
-    return resolve_layers(spec, depth)
-
-
 def _capture(depth: int, **fields: frozenset[int] | set[int]) -> Capture:
     """A Capture from explicit layer sets (empty set → nothing)."""
     return Capture(**{name: (tuple(sorted(fields.get(name, ()))) or False) for name in CAPTURE_FIELDS})
@@ -178,7 +183,12 @@ def _merge_below(target: SteeredOutput, source: SteeredOutput, start: int) -> No
 
 
 class Toast(SteeringMethod):
-    """TOAST (paper form by default; `official_compat` reproduces the released code's logits)."""
+    """TOAST (paper form by default; `official_compat` reproduces the released code's logits).
+
+    Call the module (`forward`): td depends on the image, so pass 2 gets a per-call steer and the
+    module's own Steer touch points stay the defaults (a bare steered_forward with steer=module is
+    the unsteered backbone).
+    """
 
     name: ClassVar[str] = "toast"
     config_cls: ClassVar[type[MethodConfig]] = ToastConfig
@@ -192,6 +202,25 @@ class Toast(SteeringMethod):
         depth = backbone.layout.depth
         self.feedback_start, self.feedback_stop = _feedback_range(cfg, depth)
         super().__init__(backbone, num_classes, cfg)
+        self.init_source = self._initialise(cfg.init)
+
+    def _initialise(self, mode: str) -> str:
+        """Start from the shipped pre-tuned module when it belongs to this backbone (stage 2 default)."""
+        if mode == "scratch":
+            return "scratch"
+        weights, card_path = PRETUNED_STEM.with_suffix(".safetensors"), PRETUNED_STEM.with_suffix(".json")
+        card = json.loads(card_path.read_text()) if card_path.is_file() else None
+        fits = card is not None and weights.is_file() and card.get("backbone", {}).get("weights_hash") == self.backbone.weights_hash
+        if not fits:
+            if mode == "pretuned":
+                raise ValueError(
+                    "No pre-tuned TOAST module for this backbone (hash "
+                    f"{self.backbone.weights_hash}); run `python -m toast_core.pretune` or use init='scratch'."
+                )
+            return "scratch (no pre-tuned module for this backbone)"
+        self.load_pretuned(load_file(str(weights)))
+        self.to(self.backbone.device)
+        return f"pre-tuned ({weights.name})"
 
     # --- construction ---------------------------------------------------------------------------
     def build(self) -> None:
@@ -201,7 +230,8 @@ class Toast(SteeringMethod):
             ToastDecoder(d, cfg.lite, cfg.lora_rank, cfg.lora_alpha) for _ in range(depth)
         )
         self.xi = nn.Parameter(torch.randn(d))  # task embedding ξ (released: `prompt`)
-        self.P = nn.Parameter(torch.eye(d), requires_grad=cfg.train_P)  # channel selection (`top_down_transform`)
+        # channel selection (released: `top_down_transform`); identity and fixed unless train_P
+        self.P = nn.Parameter(torch.eye(d), requires_grad=cfg.train_P)
         for layer, dec in enumerate(self.decoders):
             if not self.feedback_start <= layer < self.feedback_stop:
                 dec.requires_grad_(False)  # outside the variant's range: kept for the layout, never used
@@ -219,6 +249,8 @@ class Toast(SteeringMethod):
         LoRA update at zero. The head is task-specific and never loaded.
         """
         depth, d = self.layout.depth, self.layout.embed_dim
+        if any("lora_" in k for k in state_dict):
+            raise ValueError("load_pretuned takes a full TOAST module's state dict, not a TOAST-Lite one.")
         expected = {
             f"decoders.{l}.{name}.weight": (d, d) for l in range(depth) for name in ("linear", "linear2")
         }
@@ -248,51 +280,47 @@ class Toast(SteeringMethod):
                 self.P.copy_(state_dict["P"])
 
     # --- the four steps -------------------------------------------------------------------------
-    def select(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Token-wise selection mask m = clamp(cos(z_i, ξ), 0, 1) (B, N) and the masked tokens m·z.
+    def select(self, z: Tensor) -> Tensor:
+        """Token-wise selection mask m = clamp(cos(z_i, ξ), 0, 1), (B, N), on every token."""
+        return (F.normalize(z, dim=-1) @ F.normalize(self.xi, dim=0)).clamp(0, 1)
 
-        The channel selection P is applied inside `feedback` (z̃ = (m·z) P), where it can be folded.
+    def feedback(self, z: Tensor, m: Tensor, fold: bool | None = None) -> dict[int, Tensor]:
+        """td_l for the feedback blocks: z̃ = (m·z) P, then top to bottom h = W1_l h, td_l = W2_l h.
+
+        The path is linear and token-wise, so td_l = m·(T_l z) with T_l = W2_l W1_l … W1_top Pᵀ.
+        With many tokens (rows > 2d: training batches) the d×d operators are multiplied first
+        (~2L d³ flops) and every td comes from one matmul on the pass-1 tokens, scaled by m
+        afterwards: L token-sized matmuls instead of 2L + 1, and in the backward only the
+        operator's gradient is a matmul (z carries no gradient; m's is an elementwise product).
+        Small inputs run the chain directly. Same values either way, up to float rounding.
         """
-        m = (F.normalize(z, dim=-1) @ F.normalize(self.xi, dim=0)).clamp(0, 1)
-        return m, z * m.unsqueeze(-1)
-
-    def feedback(self, masked: Tensor, fold: bool | None = None) -> dict[int, Tensor]:
-        """td_l for the feedback blocks from the masked tokens: z̃ = masked·P, then top to bottom
-        h = W1_l h, td_l = W2_l h.
-
-        The path is linear and token-wise, so td_l = T_l z̃ with T_l = W2_l W1_l … W1_top. With many
-        tokens (rows > 2d, i.e. training batches) the d×d operators are multiplied first (2L d³
-        flops) and all td come from one matmul: L token-sized matmuls instead of 2L (+1 for P), and
-        as many fewer in the backward. Small batches run the chain directly. Same values either way
-        (up to float rounding).
-        """
-        d = masked.shape[-1]
+        d = z.shape[-1]
         blocks = list(self.feedback_blocks)
         if fold is None:
-            fold = masked.numel() // d > 2 * d
+            fold = z.numel() // d > 2 * d
         if not fold:
-            h = masked @ self.P
+            h = (z * m.unsqueeze(-1)) @ self.P
             td: dict[int, Tensor] = {}
             for layer in reversed(blocks):
                 h, td[layer] = self.decoders[layer](h)
             return td
         ops: list[Tensor] = []
-        chain = self.P.t()  # column form: z̃ = Pᵀ (m·z)
+        chain = self.P.t()  # column form of z̃ = (m·z) P
         for layer in reversed(blocks):
             dec = self.decoders[layer]
             chain = _matrix(dec.linear) @ chain
             ops.append(_matrix(dec.linear2) @ chain)
         ops.reverse()
-        stacked = F.linear(masked, torch.cat(ops, dim=0))  # (B, N, len(blocks)·d)
-        parts = stacked.unflatten(-1, (len(blocks), d)).unbind(dim=-2)  # unbind: one stack in backward
-        return dict(zip(blocks, parts))
+        stacked = F.linear(z, torch.cat(ops, dim=0)).unflatten(-1, (len(blocks), d))  # (B, N, nb, d)
+        stacked = stacked * m[..., None, None]
+        return dict(zip(blocks, stacked.unbind(dim=-2)))  # unbind: a single stack in the backward
 
     def pass1_capture(self, capture: Capture = NOTHING) -> Capture:
         """What pass 1 records: the caller's CLS rows (pass-1 vs pass-2 views), the stream entering
         the late-feedback start block, and every capture of blocks that pass 2 does not run."""
         depth = self.layout.depth
         start = self.feedback_start if self.config.feedback_to else 0
-        wanted = {name: set(_layers(getattr(capture, name), depth)) for name in CAPTURE_FIELDS}
+        wanted = {name: set(resolve_layers(getattr(capture, name), depth)) for name in CAPTURE_FIELDS}
         fields = {name: {l for l in layers if l < start} for name, layers in wanted.items()}
         fields["cls_attn"] |= wanted["cls_attn"]
         if start > 0:
@@ -304,7 +332,7 @@ class Toast(SteeringMethod):
         if self.config.var_loss_weight <= 0:
             return capture
         depth = self.layout.depth
-        fields = {name: set(_layers(getattr(capture, name), depth)) for name in CAPTURE_FIELDS}
+        fields = {name: set(resolve_layers(getattr(capture, name), depth)) for name in CAPTURE_FIELDS}
         fields["block_inputs"] |= set(self.feedback_blocks)
         fields["block_outputs"] |= set(self.feedback_blocks)
         return _capture(depth, **fields)
@@ -320,8 +348,8 @@ class Toast(SteeringMethod):
                 vit, images, capture=self.pass1_capture(capture), stop_block=self.feedback_stop
             )
         # (2) selection and (3) feedback
-        m, masked = self.select(first.tokens)
-        td = self.feedback(masked)
+        m = self.select(first.tokens)
+        td = self.feedback(first.tokens, m)
         # (4) pass 2, restarted from the pass-1 stream at the late-feedback start block
         signal = _TopDownSignal(td, add_bias=self.config.official_compat)
         cap2 = self.pass2_capture(capture)
@@ -378,6 +406,7 @@ class Toast(SteeringMethod):
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info["form"] = "official (b_v added twice)" if self.config.official_compat else "paper (W_v td)"
+        info["init"] = getattr(self, "init_source", self.config.init)
         info["feedback_blocks"] = [self.feedback_start, self.feedback_stop]
         info["trainable_share_of_total"] = self.trainable_share_of_total()
         return info

@@ -157,7 +157,11 @@ def convert_official(state_dict: Mapping[str, Tensor], *, lora_merged: bool = Tr
     rank: int | None = None
     for layer in range(depth):
         parts = decoders[layer]
-        needed = [f"{lin}.{p}" for lin in ("linear", "linear2") for p in (("weight", "lora_A", "lora_B") if lite else ("weight",))]
+        needed = [
+            f"{lin}.{p}"
+            for lin in ("linear", "linear2")
+            for p in (("weight", "lora_A", "lora_B") if lite else ("weight",))
+        ]
         missing = [n for n in needed if n not in parts]
         if missing:
             raise OfficialImportError(f"Decoder {layer} lacks {', '.join(missing)}.")
@@ -170,7 +174,11 @@ def convert_official(state_dict: Mapping[str, Tensor], *, lora_merged: bool = Tr
             if lite:
                 a, b = parts[f"{lin}.lora_A"], parts[f"{lin}.lora_B"]
                 r = int(a.shape[0])
-                if tuple(a.shape) != (r, dim) or tuple(b.shape) != (dim, r) or (rank is not None and r != rank):
+                if (
+                    tuple(a.shape) != (r, dim)
+                    or tuple(b.shape) != (dim, r)
+                    or (rank is not None and r != rank)
+                ):
                     raise OfficialImportError(
                         f"decoders.{layer}.{lin} LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
                         f"width {dim} and one rank."
@@ -207,7 +215,9 @@ def convert_official(state_dict: Mapping[str, Tensor], *, lora_merged: bool = Tr
     )
 
 
-def check_backbone_matches(backbone: Backbone, backbone_state: Mapping[str, Tensor], atol: float = 1e-6) -> None:
+def check_backbone_matches(
+    backbone: Backbone, backbone_state: Mapping[str, Tensor], atol: float = 1e-6
+) -> None:
     """A TOAST module only means something on the backbone it was trained on: compare the weights the
     checkpoint carries with this backbone's and refuse any difference."""
     own = backbone.model.state_dict()
@@ -266,7 +276,9 @@ def build_from_official(
         module: Toast = ToastLite(
             backbone,
             classes,
-            ToastLiteConfig(seed=seed, official_compat=True, lora_rank=int(conv.lora_rank or 4), lora_alpha=1.0),
+            ToastLiteConfig(
+                seed=seed, official_compat=True, lora_rank=int(conv.lora_rank or 4), lora_alpha=1.0
+            ),
         )
     else:
         module = Toast(backbone, classes, ToastConfig(seed=seed, official_compat=True))
@@ -274,7 +286,9 @@ def build_from_official(
     expected = {k for k in own if conv.num_classes is not None or not k.startswith("head.")}
     missing, extra = sorted(expected - set(conv.state)), sorted(set(conv.state) - set(own))
     if missing or extra:
-        raise OfficialImportError(f"Converted names do not fit: missing {missing[:6]}, unexpected {extra[:6]}.")
+        raise OfficialImportError(
+            f"Converted names do not fit: missing {missing[:6]}, unexpected {extra[:6]}."
+        )
     full = dict(own)
     full.update({k: v.to(device=own[k].device, dtype=own[k].dtype) for k, v in conv.state.items()})
     module.load_state_dict(full, strict=True)
