@@ -327,6 +327,23 @@ def _image_folder(root: Path, per_class: int = 3) -> Path:
     return root
 
 
+def test_folder_tasks_read_split_layouts_and_refuse_mismatched_classes(tmp_path):
+    flat = _image_folder(tmp_path / "flat", per_class=4)
+    train_set, val_set = runs.load_task_data(cfg(task=f"folder:{flat}", per_class=3, val_per_class=2), 32)
+    assert (len(train_set), len(val_set)) == (4, 4)  # 4 per class loaded, 2 held out per class
+    seen = {im.numpy().tobytes() for im in train_set.images}
+    assert not any(im.numpy().tobytes() in seen for im in val_set.images)  # held-out images are new
+    assert sorted(val_set.labels.tolist()) == [0, 0, 1, 1]
+    split = tmp_path / "split"
+    _image_folder(split / "train", per_class=3)
+    _image_folder(split / "val", per_class=2)
+    train_set, val_set = runs.load_task_data(cfg(task=f"folder:{split}", per_class=2, val_per_class=1), 32)
+    assert (len(train_set), len(val_set), val_set.class_names) == (4, 2, ["class0", "class1"])
+    (split / "val" / "class1").rename(split / "val" / "other")
+    with pytest.raises(ValueError, match="differ from those"):
+        runs.load_task_data(cfg(task=f"folder:{split}"), 32)
+
+
 def test_folder_and_episode_tasks_on_two_parallel_cpu_workers(tmp_path, fixture_backbone):
     folder = _image_folder(tmp_path / "shapes")
     mgr = RunManager(tmp_path / "runs", fixture_backbone, cpu_workers=2)
@@ -364,12 +381,14 @@ def test_a_second_manager_follows_runs_it_does_not_own(tmp_path, fixture_backbon
     assert new_id in b.rescan()  # a run written by another manager appears
     assert b.status(new_id).history == a.status(new_id).history
 
-    b.resume(long_id)  # b takes the run over; a notices the change on disk
-    b.wait(long_id, WAIT_S)
+    b.resume(long_id)  # b takes the run over; a notices the change on disk and follows it
+    _wait_for_step(b, long_id, followed.step + 1)
     a.rescan()
-    assert a.status(long_id).state == "running" or a.wait(long_id, WAIT_S).state == "cancelled"
-    with pytest.raises(RunError):
-        a.resume(long_id)  # b runs it, or has just finished it after b's cancel below
+    assert a.status(long_id).state == "running" and a.status(long_id).owner == b.owner
+    with pytest.raises(RunError, match="is running"):
+        a.resume(long_id)
+    assert a.cancel(long_id)  # forwarded to b this time
+    assert b.wait(long_id, WAIT_S).state == a.wait(long_id, WAIT_S).state == "cancelled"
     b.shutdown()
     a.shutdown()
 

@@ -367,7 +367,8 @@ def build_demo(ctx: DemoContext, examples: Sequence[str] | None = None) -> gr.Bl
                             cmap = gr.Dropdown(choices=list(COLOUR_MAPS), value="jet", label="Colour map")
                     go = gr.Button("Compare", variant="primary")
                 with gr.Column(scale=2):
-                    gallery = gr.Gallery(label="Attention (shared colour scale)", columns=3, format="png", height="auto")
+                    gallery = gr.Gallery(label="Attention (shared colour scale)", columns=3, fit_columns=False,
+                                         object_fit="contain", format="png", height="auto")
                     table = gr.Dataframe(headers=TABLE_HEADERS, label="Predictions and focus", interactive=False)
                     figure = gr.Image(type="pil", format="png", label="Comparison figure (download for slides)", interactive=False)
                     note = gr.Markdown()

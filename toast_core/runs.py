@@ -16,6 +16,10 @@ Layout of one run on disk (every file written through a temp file + os.replace, 
 Resuming continues from `checkpoint_last` with the remaining steps. The optimiser state (AdamW
 moments, SGD momentum) is not saved, so it restarts; the learning rate continues from where the
 schedule was (warmup remainder, then a cosine from there down to the same final lr).
+
+Each status.json names its owner (host, pid, process start time, manager token). Opening a
+registry marks a queued / running run `interrupted` only when its owner is gone; a run that a live
+manager (in this process or another, e.g. the CLI beside the app) is running is followed from disk.
 """
 
 from __future__ import annotations
@@ -335,6 +339,11 @@ def load_task_data(config: RunConfig, size: int) -> tuple[LabeledImages, Labeled
                 if val_dir is not None and config.val_per_class > 0
                 else None
             )
+            if val_set is not None and val_set.class_names != train_set.class_names:
+                raise ValueError(
+                    f"The class folders of '{val_dir}' ({', '.join(val_set.class_names)}) differ from those of "
+                    f"'{root / 'train'}' ({', '.join(train_set.class_names)}); labels would not match."
+                )
             return train_set, val_set
         everything = _load_folder(ref.path, size, config.per_class + config.val_per_class)
         return _split_per_class(everything, config.val_per_class, config.data_seed)
