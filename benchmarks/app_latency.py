@@ -43,7 +43,7 @@ CHROMIUM_ARGS = [
 #: page url paths (st.Page infers them from the file names in pages/)
 PAGES = {"home": "", "explorer": "explorer", "tuning_lab": "tuning_lab", "fewshot": "fewshot",
          "benchmark": "benchmark", "backbones": "backbones"}
-SEED_METHODS = ("linear", "bitfit", "lora", "vpt", "visual_prompt")
+SEED_METHODS = ("linear", "bitfit", "lora", "vpt", "toast")
 
 
 def free_port() -> int:
@@ -131,7 +131,8 @@ def png_bytes(seed: int, size: int = 160) -> bytes:
     return buf.getvalue()
 
 
-def seed_runs(runs_dir: Path, backbone: str, methods=SEED_METHODS, steps: int = 2) -> list[str]:
+def seed_runs(runs_dir: Path, backbone: str, methods=SEED_METHODS, steps: int = 2, batch: int = 8,
+              per_class: int = 2) -> list[str]:
     """Train tiny modules into the registry (in this process, before the server opens it)."""
     import torch
 
@@ -141,8 +142,9 @@ def seed_runs(runs_dir: Path, backbone: str, methods=SEED_METHODS, steps: int = 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     with RunManager(runs_dir, load_spec(spec_from_env(backbone))) as manager:
         ids = [
-            manager.submit(RunConfig(method=m, task="stars", per_class=2, val_per_class=1, snapshot_every=0,
-                                     checkpoint_every=0, train={"steps": steps, "batch_size": 8}))
+            manager.submit(RunConfig(method=m, task="stars", per_class=per_class, val_per_class=max(1, per_class // 2),
+                                     snapshot_every=0, checkpoint_every=0,
+                                     train={"steps": steps, "batch_size": batch, "lr": 1e-3, "eval_every": 0}))
             for m in methods
         ]
         for run_id in ids:
@@ -227,6 +229,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="fixture backbone (random weights): checks the harness")
     parser.add_argument("--repeats", type=int, default=3, help="uploads timed for compare6_s")
     parser.add_argument("--screenshots", type=Path, default=None, help="also save a screenshot of every page here")
+    parser.add_argument("--seed-steps", type=int, default=2, help="training steps of each seeded module")
+    parser.add_argument("--seed-batch", type=int, default=8)
+    parser.add_argument("--seed-per-class", type=int, default=2, help="training images per class of each seeded run")
     args = parser.parse_args()
     if not CHROMIUM.is_file():
         sys.exit("No /usr/bin/chromium: install Debian's chromium (apt-get install -y chromium).")
@@ -236,7 +241,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lab-latency-") as tmp:
         runs = Path(tmp) / "runs"
         t = time.perf_counter()
-        seed_runs(runs, backbone)
+        seed_runs(runs, backbone, steps=args.seed_steps, batch=args.seed_batch, per_class=args.seed_per_class)
         seed_s = time.perf_counter() - t
         with sync_playwright() as p:
             browser = launch_chromium(p)

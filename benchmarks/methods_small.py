@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in method_names()]
+    unknown = [m for m in methods if HPARAMS.get(m, {}).get("method", m) not in method_names()]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(method_names())}")
     backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded", device=args.device)

@@ -55,14 +55,15 @@ def pick_image(size: int) -> S.ImageChoice | None:
 def pick_modules(backbone) -> list[str]:
     manager = S.run_manager()
     done = S.finished_runs(manager, backbone)
-    options = [S.BASE_KEY] + [r.run_id for r in done]
-    labels = {S.BASE_KEY: S.base_module(backbone).label, **{r.run_id: S.run_label(r) for r in done}}
+    shipped = S.shipped_modules(backbone)
+    options = [S.BASE_KEY] + [r.run_id for r in done] + list(shipped)
+    labels = {S.BASE_KEY: S.base_module(backbone).label, **{r.run_id: S.run_label(r) for r in done}, **shipped}
     default = options[: min(6, len(options))]
     chosen = st.multiselect(
         "Modules", options, default=default, format_func=lambda k: labels.get(k, k), key="ex_modules",
         help="The base backbone and every finished run on this backbone.",
     )
-    if len(options) == 1:
+    if len(options) == 1 + len(shipped):
         st.caption("Only the base backbone so far: train modules in the Tuning Lab to compare them here.")
     return [k for k in chosen if k in labels]
 
@@ -184,7 +185,11 @@ def main() -> None:
     with tabs[1]:
         usable = [mv.view for mv in views if mv.view is not None]
         if usable:
-            fig = comparison_figure(usable, class_names=None)
+            fig = comparison_figure(usable)
+            captions = [f"{mv.label}<br>{mv.caption()}" for mv in views if mv.view is not None]
+            for annotation, text in zip(fig.layout.annotations, captions):
+                annotation.text = text
+                annotation.font.size = 12
             fig.update_layout(height=320, margin=dict(l=10, r=10, t=60, b=10))
             st.plotly_chart(fig, key="ex_cmp_fig")
     with tabs[2]:

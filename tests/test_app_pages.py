@@ -165,9 +165,11 @@ def test_explorer_refuses_bad_uploads_and_accepts_odd_modes() -> None:
 def test_tuning_lab_runs_a_module_that_appears_in_explorer_and_benchmark() -> None:
     at = page("pages/tuning_lab.py").run()
     assert not at.exception
+    toast_id = submit_tiny_run(at, "toast", init="scratch")
     run_id = submit_tiny_run(at, "linear")
-    status = manager().wait(run_id, timeout=120)
-    assert status.state == "done", status.error
+    for rid in (toast_id, run_id):
+        status = manager().wait(rid, timeout=120)
+        assert status.state == "done", status.error
     at.run()
     assert not at.exception
     assert any("Done: 3 steps" in s for s in texts(at.success))
@@ -175,18 +177,24 @@ def test_tuning_lab_runs_a_module_that_appears_in_explorer_and_benchmark() -> No
 
     ex = page("pages/explorer.py").run()
     assert not ex.exception
-    assert run_id in ex.multiselect(key="ex_modules").value
-    assert ex.session_state["explorer_rendered"] == 2
+    assert {run_id, toast_id} <= set(ex.multiselect(key="ex_modules").value)
+    assert ex.session_state["explorer_rendered"] == 3
     captions = texts(ex.caption)
     assert not any("Only the base backbone" in c for c in captions)
     # the two maps can be subtracted: the difference figure is drawn
     assert not any("at least two modules" in i for i in texts(ex.info))
     assert len(ex.get("plotly_chart")) >= 3  # heat maps, difference, layers x heads
+    # TOAST pass 1 vs pass 2: two maps of the TOAST module; the others say why they have none
+    ex.selectbox(key="ex_view").set_value("TOAST pass 1 vs pass 2").run()
+    assert not ex.exception
+    assert ex.session_state["explorer_rendered"] == 2
+    assert sum("TOAST views exist only for TOAST modules" in w for w in texts(ex.warning)) == 2
+    assert [r.endswith(("pass 1", "pass 2")) for r in ex.dataframe[0].value["module"]] == [True, True]
 
     bm = page("pages/benchmark.py").run()
     assert not bm.exception
     table = bm.dataframe[0].value
-    assert "linear" in set(table["method"])
+    assert {"linear", "toast"} <= set(table["method"])
     row = table[table["method"] == "linear"].iloc[0]
     assert row["state"] == "done" and 0 < row["trainable %"] < 100
     assert row["focus ratio"] is not None and np.isfinite(row["focus ratio"])

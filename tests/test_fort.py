@@ -179,7 +179,7 @@ def test_prompts_on_single_object_scenes_with_the_embedded_backbone() -> None:
         masks.append(torch.from_numpy(scene.index_map == 1))
         labels.append(i % 5)
     data = LabeledImages(torch.stack(images).contiguous(), torch.tensor(labels), kinds, torch.stack(masks))
-    method = build_method("fort_full", bk, 5)
+    method = build_method("fort_full", bk, 5, {"head_agg": "mean"})
     share = focus_share(method.prepare_prompts(data).numpy(), data.masks)
     area = data.masks.float().mean(dim=(1, 2)).numpy()
     assert share.mean() > 0.4 and share.mean() > 3 * area.mean(), (share, area)

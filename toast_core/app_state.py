@@ -243,8 +243,48 @@ def _cached_base(key: tuple[str, str, str], weights_hash: str) -> SteeringMethod
     return method
 
 
+SHIPPED_PREFIX = "shipped:"
+
+
+def shipped_modules(backbone: Backbone) -> dict[str, str]:
+    """Steering modules shipped in checkpoints/ for this backbone (e.g. the pre-tuned TOAST): key -> label."""
+    from toast_core.backbone import CHECKPOINT_DIR
+
+    out: dict[str, str] = {}
+    for card_path in sorted(CHECKPOINT_DIR.glob("*.json")):
+        try:
+            card = read_card(card_path)
+        except CheckpointError:
+            continue  # the backbone's own card and anything that is not a module card
+        if (card.get("backbone") or {}).get("weights_hash") == backbone.weights_hash:
+            out[SHIPPED_PREFIX + card_path.stem] = f"{card['method']} (shipped: {card_path.stem})"
+    return out
+
+
+@st.cache_resource(show_spinner="Loading a shipped module…", max_entries=8)
+def _cached_shipped(key: tuple[str, str, str], stem: str) -> SteeringMethod:
+    from toast_core.backbone import CHECKPOINT_DIR
+    from toast_core.checkpoints import load_module
+
+    method = load_module(CHECKPOINT_DIR / stem, _cached_backbone(key))
+    method.label = f"{method.name} (shipped: {stem})"  # type: ignore[attr-defined]
+    return method
+
+
 def module_for(key: str, backbone: Backbone) -> SteeringMethod:
-    return base_module(backbone) if key == BASE_KEY else run_module(key)
+    """A module by page key: the base backbone, a shipped checkpoint, or a done run."""
+    if key == BASE_KEY:
+        return base_module(backbone)
+    if key.startswith(SHIPPED_PREFIX):
+        return _cached_shipped(active_spec().key, key.removeprefix(SHIPPED_PREFIX))
+    return run_module(key)
+
+
+def module_stamp(key: str) -> float:
+    """Changes when the module behind a key changes (a re-trained run), so cached maps refresh."""
+    if key == BASE_KEY or key.startswith(SHIPPED_PREFIX):
+        return 0.0
+    return float(run_manager().status(key, history=False).ended or 0.0)
 
 
 # --- images --------------------------------------------------------------------------------------
@@ -291,19 +331,20 @@ def model_input(backbone: Backbone, image: ImageChoice) -> torch.Tensor:
 
 
 # --- views ---------------------------------------------------------------------------------------
-#: UI label -> attention view name (toast_core.attention.VIEWS)
+TOAST_PASSES = "toast_passes"  # one page view = the library's toast_pass1 and toast_pass2, side by side
+#: UI label -> attention view name (toast_core.attention.VIEWS, plus TOAST_PASSES)
 VIEW_LABELS: dict[str, str] = {
     "CLS attention": "cls",
     "Attention rollout": "rollout",
     "Gradient rollout (FORT)": "grad_rollout",
     "Grad-CAM": "gradcam",
-    "TOAST pass 1 (unsteered)": "toast_pass1",
-    "TOAST pass 2 (steered)": "toast_pass2",
+    "TOAST pass 1 vs pass 2": TOAST_PASSES,
     "TOAST selection mask": "selection",
 }
-LAYERED_VIEWS = frozenset({"cls", "toast_pass1", "toast_pass2"})
-HEAD_VIEWS = frozenset({"cls", "toast_pass1", "toast_pass2"})
+LAYERED_VIEWS = frozenset({"cls", TOAST_PASSES})
+HEAD_VIEWS = frozenset({"cls", TOAST_PASSES})
 GRADIENT_VIEWS = frozenset({"grad_rollout", "gradcam"})
+TOAST_VIEWS = frozenset({TOAST_PASSES, "selection"})
 
 
 def view_kwargs(view: str, layer: int, head: str | int) -> dict[str, Any]:
@@ -336,7 +377,7 @@ def prediction_text(view: AttentionView, class_names: Sequence[str] | None, is_b
     """"predicted: <label> (<confidence>)", with a warning when the head is untrained."""
     k = int(view.pred[0])
     label = class_names[k] if class_names and 0 <= k < len(class_names) else f"class {k}"
-    text = f"predicted: {label} ({float(view.conf[0]):.2f})"
+    text = f"{'pretraining head' if is_base else 'predicted'}: {label} ({float(view.conf[0]):.2f})"
     if is_base and not class_names:
         text = "no trained head: prediction meaningless"
     return text
@@ -350,10 +391,23 @@ def _cached_view(
     return compute_view(view, _method, _x, **json.loads(kwargs_json))
 
 
+def _unavailable(key: str, method: SteeringMethod, view: str) -> str | None:
+    """Why this module cannot show this view, or None."""
+    if view in TOAST_VIEWS and "selection" not in method.views():
+        return "TOAST views exist only for TOAST modules"
+    if view not in TOAST_VIEWS and view not in method.views():
+        return f"'{view}' is not a view of {method.name}"
+    if key == BASE_KEY and view in GRADIENT_VIEWS and not getattr(method, "has_trained_head", False):
+        return "needs a trained head (this backbone has none)"
+    return None
+
+
 def module_views(
     backbone: Backbone, keys: Sequence[str], image: ImageChoice, view: str, layer: int, head: str | int
 ) -> list[ModuleView]:
-    """The chosen view for every chosen module (base backbone or run) on one image."""
+    """The chosen view for every chosen module (base backbone, shipped module or run) on one image.
+    TOAST_PASSES gives two maps per TOAST module (pass 1, pass 2) under one view name, so they share
+    a colour scale and can be subtracted."""
     x = model_input(backbone, image)
     kwargs = view_kwargs(view, layer, head)
     out: list[ModuleView] = []
@@ -365,22 +419,21 @@ def module_views(
             continue
         label = str(getattr(method, "label", method.name))
         names = getattr(method, "class_names", None)
-        available = set(method.views())
-        if "toast_pass1" in available:
-            available.add("toast_pass2")
-        if view not in available:
-            out.append(ModuleView(key, label, None, f"'{view}' is not a view of {method.name}", names))
+        reason = _unavailable(key, method, view)
+        if reason is not None:
+            out.append(ModuleView(key, label, None, reason, names))
             continue
-        if key == BASE_KEY and view in GRADIENT_VIEWS and not getattr(method, "has_trained_head", False):
-            out.append(ModuleView(key, label, None, "needs a trained head (this backbone has none)", names))
-            continue
-        stamp = 0.0 if key == BASE_KEY else float(run_manager().status(key, history=False).ended or 0.0)
-        try:
-            v = _cached_view(active_spec().key, key, stamp, image.digest, view, json.dumps(kwargs), method, x)
-        except ViewUnavailable as exc:
-            out.append(ModuleView(key, label, None, str(exc), names))
-            continue
-        out.append(ModuleView(key, label, v, None, names))
+        parts = (("toast_pass1", " · pass 1"), ("toast_pass2", " · pass 2")) if view == TOAST_PASSES else ((view, ""),)
+        for name, suffix in parts:
+            try:
+                v = _cached_view(active_spec().key, key, module_stamp(key), image.digest, name,
+                                 json.dumps(kwargs), method, x)
+            except ViewUnavailable as exc:
+                out.append(ModuleView(key, label + suffix, None, str(exc), names))
+                continue
+            if view == TOAST_PASSES:
+                v = dataclasses.replace(v, name=TOAST_PASSES, method=v.method + suffix)
+            out.append(ModuleView(key, label + suffix, v, None, names))
     return out
 
 
@@ -466,7 +519,7 @@ PRESETS: tuple[Preset, ...] = (
            "Rollout follows attention through the residual stream; compare how sharp it gets after tuning."),
     Preset("glyphs-gradcam", "Which digit? Grad-CAM vs attention", "glyphs", "test", 5, "gradcam",
            "Digits were never pretraining labels; Grad-CAM shows what the trained head actually uses."),
-    Preset("glyphs-toast", "TOAST: pass 1 vs pass 2", "glyphs", "test", 7, "toast_pass2",
+    Preset("glyphs-toast", "TOAST: pass 1 vs pass 2", "glyphs", "test", 7, TOAST_PASSES,
            "Top-down steering changes only the values in pass 2: compare with the unsteered pass 1."),
     Preset("stars-fort", "FORT: gradient rollout on a star", "stars", "test", 14, "grad_rollout",
            "The importance FORT turns into position prompts; with few shots it picks the key object."),
@@ -491,10 +544,11 @@ class FieldSpec:
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of string settings, read from the method modules that define them."""
-    from toast_core.methods import fort, lora, visual_prompt
+    from toast_core.methods import fort, lora, toast, visual_prompt
 
     out: dict[str, tuple[str, ...]] = {
         "kind": tuple(visual_prompt.KINDS),
+        "init": tuple(toast.INIT_MODES),
         "head_agg": tuple(fort.HEAD_AGGS),
         "prompt_weights": tuple(fort.PROMPT_WEIGHTS),
         "target_mass": tuple(fort.TARGET_MASS),

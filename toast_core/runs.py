@@ -1235,7 +1235,7 @@ class RunManager:
             self._last_rescan = time.monotonic()
             with self._lock:
                 known = {
-                    r: (rec.external, rec.status.state in ACTIVE_STATES, rec.disk_mtime)
+                    r: (rec.external, not rec.settled.is_set(), rec.disk_mtime)
                     for r, rec in self._records.items()
                 }
             folders = {p.name: p for p in self._run_folders()}
@@ -1269,12 +1269,13 @@ class RunManager:
             self._rescan_lock.release()
 
     @staticmethod
-    def _changed_on_disk(folder: Path, external: bool, active: bool, mtime: int) -> bool:
-        """Whether a known run needs re-reading: followed runs always, our own active runs never."""
+    def _changed_on_disk(folder: Path, external: bool, busy: bool, mtime: int) -> bool:
+        """Whether a known run needs re-reading: followed runs always, runs this manager is still
+        writing (queued, running, or finishing: not yet settled) never, others when status.json changed."""
         if external:
             return True
-        if active:
-            return False  # this manager writes it
+        if busy:
+            return False
         try:
             return (folder / STATUS_FILE).stat().st_mtime_ns != mtime
         except OSError:
@@ -1287,8 +1288,8 @@ class RunManager:
         alive = active and self._running_elsewhere(run_id, fresh.status.owner)
         with self._lock:
             rec = self._records.get(run_id)
-            if rec is None or (rec.status.state in ACTIVE_STATES and not rec.external):
-                return  # deleted, or started here meanwhile
+            if rec is None or (not rec.external and not rec.settled.is_set()):
+                return  # deleted, or this manager is writing it (started or resumed here meanwhile)
             rec.status, rec.config, rec.batch_size = fresh.status, fresh.config, fresh.batch_size
             rec.disk_mtime, rec.history_rev, rec.snapshot_rev, rec.written_revs = (
                 fresh.disk_mtime,
