@@ -65,9 +65,9 @@ def home() -> None:
     st.write("Built-in scenes with fixed indices that show each method's effect; each opens the Explorer.")
     cols = st.columns(len(S.PRESETS))
     for col, p in zip(cols, S.PRESETS):
-        with col:
+        with col, st.container(border=True, height=250):
             st.markdown(f"**{p.title}**")
-            st.caption(p.note)
+            st.caption(f"{p.task} · {p.split} #{p.index} — {p.note}")
             if st.button("Open", key=f"preset_{p.key}", width="stretch"):
                 st.session_state["explorer_preset"] = p.key
                 st.switch_page(f"{PAGES_DIR}/explorer.py")

@@ -174,7 +174,7 @@ def upload_on_explorer(page, name: str, data: bytes, timeout_s: float = 300.0) -
 
 
 BUSY_JS = """() => document.querySelector("[data-testid='stStatusWidget']") !== null
-  || document.querySelector("[data-testid='stSkeleton']") !== null
+  || document.querySelector("[data-testid='stSkeleton'], [data-testid='stSpinner']") !== null
   || [...document.images].some(img => !img.complete)"""
 
 

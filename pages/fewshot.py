@@ -124,20 +124,19 @@ def show_runs(backbone, episode, key: str, prompt: dict) -> None:
                                             f" · prompts {r.prompt_on_object:.0%} on object"))
     query = episode.query
     names = query.class_names
-    st.markdown("**Query predictions and last-layer attention** (shared colour scale per query)")
-    per_row = 4
+    st.markdown("**Query predictions and last-layer attention** (image, then each module; one colour scale per query)")
+    per_row = 2  # queries per row, each as image + one tile per module
     for start in range(0, len(query), per_row):
-        row = st.columns(per_row)
-        for col, i in zip(row, range(start, min(start + per_row, len(query)))):
+        row = st.columns(per_row * (1 + len(runs)))
+        for q, i in enumerate(range(start, min(start + per_row, len(query)))):
             image = rgb(query.images, i)
-            tiles = overlays(image, [r.view for r in runs], index=i)
-            with col:
-                st.image(image, caption=f"true: {names[int(query.labels[i])]}", width="stretch")
-                for r, tile in zip(runs, tiles):
-                    pred = int(r.view.pred[i])
-                    mark = "✓" if pred == int(query.labels[i]) else "✗"
-                    st.image(tile, caption=f"{mark} {r.label}: {names[pred]} ({float(r.view.conf[i]):.2f})",
-                             width="stretch")
+            truth = int(query.labels[i])
+            cells = row[q * (1 + len(runs)) : (q + 1) * (1 + len(runs))]
+            cells[0].image(image, caption=f"true: {names[truth]}", width="stretch")
+            for cell, r, tile in zip(cells[1:], runs, overlays(image, [r.view for r in runs], index=i)):
+                pred = int(r.view.pred[i])
+                mark = "✓" if pred == truth else "✗"
+                cell.image(tile, caption=f"{mark} {r.label}: {names[pred]} ({float(r.view.conf[i]):.2f})", width="stretch")
 
 
 def main() -> None:

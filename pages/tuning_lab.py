@@ -127,6 +127,10 @@ def new_run_form(backbone, manager) -> None:
     methods = S.tunable_methods()
     method = st.selectbox("Method", methods, index=methods.index("lora") if "lora" in methods else 0, key="tl_method")
     st.caption(S.describe_method(method))
+    blocked = S.needs_episode_prompts(method)
+    if blocked:
+        st.warning(f"{method} needs FORT's position prompts prepared on its support set before training, which "
+                   "background runs do not do yet: compare FT with FT + FORT on the Few-shot page instead.")
     settings = method_settings(method)
     size = int(backbone.layout.img_size[0])
     data = task_settings(size)
@@ -145,7 +149,7 @@ def new_run_form(backbone, manager) -> None:
     device = cols[3].selectbox("Device", devices, key="tl_device")
     name = st.text_input("Run name (optional)", key="tl_name")
 
-    if st.button("Submit run", type="primary", key="tl_submit", disabled=data is None):
+    if st.button("Submit run", type="primary", key="tl_submit", disabled=data is None or blocked):
         try:
             run_id = S.submit_run(
                 manager, method=method, method_config={**settings, "seed": int(seed)}, name=name.strip() or None,
@@ -172,7 +176,8 @@ def curves(status: RunStatus) -> go.Figure:
         fig.add_trace(go.Scatter(x=[s for s, _ in val], y=[a for _, a in val], name="val acc",
                                  mode="lines+markers"), secondary_y=True)
     fig.update_yaxes(title_text="loss", secondary_y=False)
-    fig.update_yaxes(title_text="accuracy", range=[0, 1.02], secondary_y=True)
+    fig.update_yaxes(title_text="accuracy", range=[0, 1.02], tickformat=".0%", dtick=0.25, secondary_y=True,
+                     showgrid=False)
     fig.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="step",
                       legend=dict(orientation="h", y=1.15))
     return fig
@@ -180,7 +185,8 @@ def curves(status: RunStatus) -> go.Figure:
 
 def show_snapshot(status: RunStatus, size: int) -> None:
     if status.snapshot is None:
-        st.caption("No attention snapshot yet.")
+        every = (status.config or {}).get("snapshot_every", 0)
+        st.caption("No attention snapshot yet." if every else "This run takes no attention snapshots (every 0 steps).")
         return
     (m,) = normalise_maps([status.snapshot])
     probe = S.probe_image(status.config, size)
@@ -234,7 +240,7 @@ def run_panel(manager, size: int) -> None:
     left, right = st.columns([2, 1])
     with left:
         if status.history:
-            st.plotly_chart(curves(status), key="tl_curves")
+            st.plotly_chart(curves(status), key="tl_curves", width="stretch")
     with right:
         show_snapshot(status, size)
     active = any(r.state in ACTIVE_STATES for r in runs)

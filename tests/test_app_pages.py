@@ -210,11 +210,15 @@ def test_tuning_lab_shows_a_failed_run_and_refuses_bad_settings() -> None:
     assert not at.exception
     assert any("Run failed" in e and "Padding width 60" in e for e in texts(at.error)), texts(at.error)
     # a setting the config refuses never becomes a run
-    at.selectbox(key="tl_method").set_value("fort_lora").run()
-    at.get_by_key("tl_fort_lora_keep_top").set_value(2.0)
+    at.selectbox(key="tl_method").set_value("vpt").run()
+    at.get_by_key("tl_vpt_dropout").set_value("1.5")
     at.button(key="tl_submit").click().run()
     assert not at.exception
-    assert any("not submitted" in e and "keep_top" in e for e in texts(at.error)), texts(at.error)
+    assert any("not submitted" in e for e in texts(at.error)), texts(at.error)
+    # FORT needs episode prompts that background runs do not prepare: said, and not submittable
+    at.selectbox(key="tl_method").set_value("fort_lora").run()
+    assert any("position prompts" in w for w in texts(at.warning))
+    assert at.button(key="tl_submit").disabled
 
 
 def test_tuning_lab_zip_upload_checks(tmp_path: Path) -> None:
@@ -246,8 +250,8 @@ def test_tuning_lab_zip_upload_checks(tmp_path: Path) -> None:
 
 # --- backbones ----------------------------------------------------------------------------------
 def test_backbones_page_explains_failures(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     at = page("pages/backbones.py").run()
     assert not at.exception

@@ -263,7 +263,10 @@ def test_registry_defaults_and_describe(fixture_backbone: Backbone) -> None:
     assert lora.config.targets == ("qkv", "proj") and lora.config.fort_alpha == 0.5 and lora.config.tau == 1.0
     assert build_method("fort_full", fixture_backbone, 3).config.fort_alpha == 0.03
     info = lora.describe()
-    assert info["fort"]["prompt_patches"] == 1 and info["fort"]["form"] == "official code"
+    # default: the code's importance-weighted prompts and mass, with the paper's mean over heads
+    assert info["fort"]["prompt_patches"] == 1 and info["fort"]["form"] == "head mean, importance prompts, target mass P"
+    official = build_method("fort_lora", fixture_backbone, 3, {"head_agg": "min"}).describe()
+    assert official["fort"]["form"] == "official code"
     assert "lora_form" in info
     with pytest.raises(ValueError, match="head_agg"):
         config_for("fort_full", head_agg="max")

@@ -46,7 +46,7 @@ from toast_core.backbone import (
 )
 from toast_core.checkpoints import CheckpointError, read_card
 from toast_core.data.base import to_model_input
-from toast_core.data.images import ImageInputError, load_image, resize_for_model
+from toast_core.data.images import load_image, resize_for_model
 from toast_core.methods import build_method, method_class, method_names
 from toast_core.methods.base import SteeringMethod
 from toast_core.runs import MODULE_STEM, RunConfig, RunError, RunManager, RunStatus
@@ -601,10 +601,25 @@ def parse_tuple(text: str, default: tuple | None) -> tuple | None:
 
 
 def describe_method(name: str) -> str:
-    """First paragraph of the method class docstring (or its config's)."""
+    """One line on what the method is: its module's summary line, plus the class's own when it is a
+    variant defined in the same module (e.g. TOAST-Lite next to TOAST)."""
+    import sys
+
     cls = method_class(name)
-    doc = (cls.__doc__ or cls.config_cls.__doc__ or "").strip()
-    return doc.split("\n\n")[0].replace("\n", " ")
+    first = lambda doc: (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""  # noqa: E731
+    module_line = first(getattr(sys.modules.get(cls.__module__), "__doc__", ""))
+    class_line = first(cls.__doc__)
+    siblings = [n for n in method_names() if method_class(n).__module__ == cls.__module__]
+    if class_line and (not module_line or len(siblings) > 1):
+        return f"{module_line} {class_line}".strip()
+    return module_line or class_line
+
+
+def needs_episode_prompts(name: str) -> bool:
+    """FORT methods need position prompts prepared on their support set before training."""
+    from toast_core.methods.fort import FortMixin
+
+    return issubclass(method_class(name), FortMixin)
 
 
 def tunable_methods() -> list[str]:

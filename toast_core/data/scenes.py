@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import cv2
@@ -93,7 +93,7 @@ def _font_path() -> str | None:
         return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _glyph_mask(char: str) -> np.ndarray:
     """A centred, tightly cropped binary mask of a bold glyph (DejaVu Sans Bold shipped by matplotlib)."""
     path = _font_path()
@@ -130,7 +130,7 @@ def _texture_bank() -> np.ndarray:
             t = (((xx // s) + (yy // s)) % 2).astype(np.float32)
         elif kind == 3:  # dots
             s = int(rng.integers(6, 14))
-            t = ((np.hypot(xx % s - s / 2, yy % s - s / 2) < s / 4)).astype(np.float32)
+            t = (np.hypot(xx % s - s / 2, yy % s - s / 2) < s / 4).astype(np.float32)
         elif kind == 4:  # fine grain
             t = cv2.GaussianBlur(rng.random((_TEXTURE_RES, _TEXTURE_RES)).astype(np.float32), (0, 0), 1.2)
         else:  # waves

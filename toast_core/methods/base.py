@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
 
 from toast_core.backbone import Backbone, TokenLayout
 from toast_core.forward import NOTHING, Capture, Steer, SteeredOutput, pool, steered_forward

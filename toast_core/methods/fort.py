@@ -361,8 +361,9 @@ class FortMixin:
         info["fort"] = {
             "prompt_patches": self.prompt_count(),
             "prompts_prepared": 0 if self.prompt_targets is None else int(self.prompt_targets.shape[0]),
-            "form": "official code" if (self.config.head_agg, self.config.prompt_weights, self.config.target_mass)
-            == ("min", "importance", "P") else "custom/paper",
+            "form": "official code"
+            if (self.config.head_agg, self.config.prompt_weights, self.config.target_mass) == ("min", "importance", "P")
+            else f"head {self.config.head_agg}, {self.config.prompt_weights} prompts, target mass {self.config.target_mass}",
         }
         return info
 
