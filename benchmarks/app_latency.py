@@ -229,6 +229,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="fixture backbone (random weights): checks the harness")
     parser.add_argument("--repeats", type=int, default=3, help="uploads timed for compare6_s")
     parser.add_argument("--screenshots", type=Path, default=None, help="also save a screenshot of every page here")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="registry to use (kept); seeded only when it has no finished runs. Default: a temp dir")
     parser.add_argument("--seed-steps", type=int, default=2, help="training steps of each seeded module")
     parser.add_argument("--seed-batch", type=int, default=8)
     parser.add_argument("--seed-per-class", type=int, default=2, help="training images per class of each seeded run")
@@ -239,9 +241,11 @@ def main() -> None:
 
     backbone = "fixture" if args.smoke else "embedded"
     with tempfile.TemporaryDirectory(prefix="lab-latency-") as tmp:
-        runs = Path(tmp) / "runs"
+        runs = args.runs_dir or Path(tmp) / "runs"
         t = time.perf_counter()
-        seed_runs(runs, backbone, steps=args.seed_steps, batch=args.seed_batch, per_class=args.seed_per_class)
+        done = list(runs.glob("*/module.json")) if runs.is_dir() else []
+        if len(done) < len(SEED_METHODS):
+            seed_runs(runs, backbone, steps=args.seed_steps, batch=args.seed_batch, per_class=args.seed_per_class)
         seed_s = time.perf_counter() - t
         with sync_playwright() as p:
             browser = launch_chromium(p)
