@@ -305,6 +305,9 @@ def test_fewshot_prompts_and_ft_vs_fort() -> None:
     at.number_input(key="fs_query").set_value(1).run()
     assert not at.exception
     assert any("Mean share of prompt mass" in c for c in texts(at.caption))
+    shown = len(at.get("image"))
+    at.toggle(key="fs_compare").set_value(True).run()  # min/mean x λ=0/λ on the first support image
+    assert not at.exception and len(at.get("image")) == shown + 4
     at.selectbox(key="fs_base").set_value("bitfit")
     at.number_input(key="fs_steps").set_value(2)
     at.button(key="fs_run").click().run()
