@@ -132,7 +132,7 @@ def png_bytes(seed: int, size: int = 160) -> bytes:
 
 
 def seed_runs(runs_dir: Path, backbone: str, methods=SEED_METHODS, steps: int = 2, batch: int = 8,
-              per_class: int = 2, lr: float = 1e-3) -> list[str]:
+              per_class: int = 2) -> list[str]:
     """Train tiny modules into the registry (in this process, before the server opens it)."""
     import torch
 
@@ -144,7 +144,7 @@ def seed_runs(runs_dir: Path, backbone: str, methods=SEED_METHODS, steps: int = 
         ids = [
             manager.submit(RunConfig(method=m, task="stars", per_class=per_class, val_per_class=max(1, per_class // 2),
                                      snapshot_every=0, checkpoint_every=0,
-                                     train={"steps": steps, "batch_size": batch, "lr": lr, "eval_every": 0}))
+                                     train={"steps": steps, "batch_size": batch, "lr": 1e-3, "eval_every": 0}))
             for m in methods
         ]
         for run_id in ids:
@@ -233,7 +233,6 @@ def main() -> None:
                         help="registry to use (kept); seeded only when it has no finished runs. Default: a temp dir")
     parser.add_argument("--seed-steps", type=int, default=2, help="training steps of each seeded module")
     parser.add_argument("--seed-batch", type=int, default=8)
-    parser.add_argument("--seed-lr", type=float, default=1e-3)
     parser.add_argument("--seed-per-class", type=int, default=2, help="training images per class of each seeded run")
     args = parser.parse_args()
     if not CHROMIUM.is_file():
@@ -246,8 +245,7 @@ def main() -> None:
         t = time.perf_counter()
         done = list(runs.glob("*/module.json")) if runs.is_dir() else []
         if len(done) < len(SEED_METHODS):
-            seed_runs(runs, backbone, steps=args.seed_steps, batch=args.seed_batch, per_class=args.seed_per_class,
-                      lr=args.seed_lr)
+            seed_runs(runs, backbone, steps=args.seed_steps, batch=args.seed_batch, per_class=args.seed_per_class)
         seed_s = time.perf_counter() - t
         with sync_playwright() as p:
             browser = launch_chromium(p)

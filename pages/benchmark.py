@@ -10,13 +10,12 @@ from toast_core import app_state as S
 
 
 def filtered(df: pd.DataFrame) -> pd.DataFrame:
-    c1, c2, c3, c4 = st.columns([2, 2, 2, 1.4])
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
     methods = c1.multiselect("Methods", sorted(df["method"].unique()), key="bm_methods", placeholder="all")
     tasks = c2.multiselect("Tasks", sorted(df["task"].unique()), key="bm_tasks", placeholder="all")
     states = c3.multiselect("States", sorted(df["state"].unique()), default=["done"] if "done" in set(df["state"]) else [],
                             key="bm_states", placeholder="all")
-    own = c4.toggle("Only this backbone", value=True, key="bm_own",
-                    help="Runs trained on other backbones cannot be loaded here (their focus is not measured).")
+    own = c4.toggle("This backbone only", value=True, key="bm_own")
     keep = pd.Series(True, index=df.index)
     if methods:
         keep &= df["method"].isin(methods)
@@ -39,7 +38,7 @@ def plots(df: pd.DataFrame) -> None:
         with_share = done[done["trainable %"].notna() & (done["trainable %"] > 0)]
         if not with_share.empty:
             fig = px.scatter(with_share, x="trainable %", y="val acc", color="method", hover_name="run",
-                             log_x=True, range_y=[0, 1.02], title="Accuracy vs trainable parameters")
+                             log_x=True, title="Accuracy vs trainable parameters")
             fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
             st.plotly_chart(fig, key="bm_share")
     with c2:
@@ -48,7 +47,7 @@ def plots(df: pd.DataFrame) -> None:
             st.info("Focus is measured on built-in tasks only (their scenes have ground-truth masks).")
         else:
             fig = px.scatter(with_focus, x="focus ratio", y="val acc", color="method", hover_name="run",
-                             range_y=[0, 1.02], title="Focus on the deciding object vs accuracy")
+                             title="Focus on the deciding object vs accuracy")
             fig.add_vline(x=1.0, line_dash="dot", annotation_text="chance")
             fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
             st.plotly_chart(fig, key="bm_focus")

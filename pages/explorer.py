@@ -94,7 +94,7 @@ def show_overlays(image: S.ImageChoice, views: list[S.ModuleView], alpha: float,
             with col:
                 st.markdown(f"**{title}**")
                 if tile is None:
-                    st.caption(f"no map ({caption.split(': ', 1)[-1]})")
+                    st.warning(caption)
                 else:
                     st.image(tile, caption=caption, width="stretch")
     st.caption("All overlays share one colour scale (min and max over every map shown).")
@@ -147,35 +147,10 @@ def show_export(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, c
     if not any(mv.view is not None for mv in views):
         return
     c1, c2 = st.columns(2)
-    # built only when clicked (deferred), so exporting costs nothing until it is asked for
-    c1.download_button("Download PNG", lambda: S.comparison_png_bytes(image, views, alpha, cmap),
+    c1.download_button("Download PNG", S.comparison_png_bytes(image, views, alpha, cmap),
                        file_name=f"comparison_{view}.png", mime="image/png", key="ex_png")
-    c2.download_button("Download CSV (maps)", lambda: S.views_csv_bytes(views),
+    c2.download_button("Download CSV (maps)", S.views_csv_bytes(views),
                        file_name=f"comparison_{view}.csv", mime="text/csv", key="ex_csv")
-    st.caption("PNG: the image and every overlay with its module and prediction. CSV: one row per image × "
-               "patch (view, method, layer, head, image, row, col, value).")
-
-
-def show_heatmaps(views: list[S.ModuleView]) -> None:
-    usable = [mv for mv in views if mv.view is not None]
-    if not usable:
-        return
-    fig = comparison_figure([mv.view for mv in usable])
-    for annotation, mv in zip(fig.layout.annotations, usable):
-        annotation.text = f"{mv.label}<br>{mv.caption()}"
-        annotation.font.size = 12
-    fig.update_layout(height=340, margin=dict(l=10, r=10, t=80, b=10))
-    st.plotly_chart(fig, key="ex_cmp_fig")
-    st.caption("Raw map values on the patch grid, one colour scale; hover for values.")
-
-
-def show_layer_grid(backbone, image: S.ImageChoice, views: list[S.ModuleView]) -> None:
-    labels = {mv.key: mv.label.split(" · ")[0] for mv in views}
-    key = st.selectbox("Module", list(labels), format_func=lambda k: labels[k], key="ex_grid_module")
-    maps, layers = S.cls_grid(backbone, key, image)
-    fig = layer_head_figure(maps, layers, title=f"CLS attention of {labels[key]}, every layer and head")
-    fig.update_layout(height=140 * len(layers) + 80)
-    st.plotly_chart(fig, key="ex_grid_fig")
 
 
 def main() -> None:
@@ -204,30 +179,32 @@ def main() -> None:
     st.caption(f"Compared {rendered} module{'' if rendered == 1 else 's'} on {image.name} · "
                f"{next(k for k, v in S.VIEW_LABELS.items() if v == view)}")
 
-    missing = [mv.caption() for mv in views if mv.view is None]
-    if missing:
-        st.warning("No map for: " + "; ".join(missing))
-    # only the open tab is computed and drawn (the rest cost nothing until chosen)
-    names = ["Overlays", "Heat maps", "Difference", "Focus", "Layers × heads", "Export"]
-    tabs = dict(zip(names, st.tabs(names, key="ex_tab", on_change="rerun")))
-    if tabs["Overlays"].open:
-        with tabs["Overlays"]:
-            show_overlays(image, views, alpha, cmap)
-    if tabs["Heat maps"].open:
-        with tabs["Heat maps"]:
-            show_heatmaps(views)
-    if tabs["Difference"].open:
-        with tabs["Difference"]:
-            show_difference(views)
-    if tabs["Focus"].open:
-        with tabs["Focus"]:
-            show_focus(image, views)
-    if tabs["Layers × heads"].open:
-        with tabs["Layers × heads"]:
-            show_layer_grid(backbone, image, views)
-    if tabs["Export"].open:
-        with tabs["Export"]:
-            show_export(image, views, alpha, cmap, view)
+    tabs = st.tabs(["Overlays", "Heat maps", "Difference", "Focus", "Layers × heads", "Export"])
+    with tabs[0]:
+        show_overlays(image, views, alpha, cmap)
+    with tabs[1]:
+        usable = [mv.view for mv in views if mv.view is not None]
+        if usable:
+            fig = comparison_figure(usable)
+            captions = [f"{mv.label}<br>{mv.caption()}" for mv in views if mv.view is not None]
+            for annotation, text in zip(fig.layout.annotations, captions):
+                annotation.text = text
+                annotation.font.size = 12
+            fig.update_layout(height=320, margin=dict(l=10, r=10, t=60, b=10))
+            st.plotly_chart(fig, key="ex_cmp_fig")
+    with tabs[2]:
+        show_difference(views)
+    with tabs[3]:
+        show_focus(image, views)
+    with tabs[4]:
+        labels = {mv.key: mv.label for mv in views}
+        key = st.selectbox("Module", list(labels), format_func=lambda k: labels[k], key="ex_grid_module")
+        maps, layers = S.cls_grid(backbone, key, image)
+        fig = layer_head_figure(maps, layers, title=f"CLS attention of {labels[key]}")
+        fig.update_layout(height=140 * len(layers) + 80)
+        st.plotly_chart(fig, key="ex_grid_fig")
+    with tabs[5]:
+        show_export(image, views, alpha, cmap, view)
 
 
 main()

@@ -83,7 +83,7 @@ def show_prompts(backbone, episode, key: str) -> dict:
     if res["on_object"] is not None:
         st.caption(f"Mean share of prompt mass on the deciding object: {float(np.mean(res['on_object'])):.1%} "
                    f"(P = {p} of {n_patches} patches).")
-    if st.toggle("Show how λ and head aggregation change the first support image's prompt", key="fs_compare"):
+    with st.expander("How λ and head aggregation change the first support image's prompt"):
         image = rgb(support.images, 0)
         cells = []
         for agg in HEAD_AGGS:

