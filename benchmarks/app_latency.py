@@ -173,12 +173,13 @@ def upload_on_explorer(page, name: str, data: bytes, timeout_s: float = 300.0) -
     file_input.first.set_input_files(files=[{"name": name, "mimeType": "image/png", "buffer": data}])
 
 
-BUSY_JS = """() => document.querySelector("[data-testid='stStatusWidget']") !== null
+BUSY_JS = """() => document.querySelector("[data-testid='stApp'][data-test-script-state='running']") !== null
+  || document.querySelector("[data-testid='stStatusWidget'] [data-testid='stStatusWidgetRunningIcon']") !== null
   || document.querySelector("[data-testid='stSkeleton'], [data-testid='stSpinner']") !== null
   || [...document.images].some(img => !img.complete)"""
 
 
-def settle(page, quiet_s: float = 0.8, timeout_s: float = 120.0) -> None:
+def settle(page, quiet_s: float = 0.6, timeout_s: float = 120.0) -> None:
     """Wait until no script runs, no element is a loading skeleton and every image has loaded."""
     deadline = time.monotonic() + timeout_s
     calm_since = None
@@ -207,6 +208,11 @@ def full_screenshot(page, path: Path, max_height: int = 5000) -> Path:
     return path
 
 
+#: what each page shows once its first run is complete
+READY = {"home": "Lecture presets", "explorer": re.compile(r"Compared \d+ modules? on"), "tuning_lab": "Submit run",
+         "fewshot": "Run both on this episode", "benchmark": "Download CSV", "backbones": "Switch"}
+
+
 def screenshot_pages(page, base_url: str, out_dir: Path) -> list[Path]:
     """Full-page screenshots of every page (the Few-shot page after one FT vs FORT run)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,11 +220,10 @@ def screenshot_pages(page, base_url: str, out_dir: Path) -> list[Path]:
     for name, path in PAGES.items():
         page.goto(f"{base_url}/{path}")
         page.locator("h1").first.wait_for(timeout=120_000)
-        if name == "explorer":
-            wait_text(page, re.compile(r"Compared \d+ modules? on"), 120)
+        wait_text(page, READY[name], 300)
         if name == "fewshot":
             page.get_by_role("button", name="Run both on this episode").click()
-            wait_text(page, "query accuracy", 180)
+            wait_text(page, "query accuracy", 300)
         settle(page)
         shots.append(full_screenshot(page, out_dir / f"{name}.png"))
     return shots

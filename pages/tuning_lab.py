@@ -225,7 +225,7 @@ def run_panel(manager, size: int) -> None:
         hide_index=True, width="stretch", height=min(36 * (len(runs) + 1) + 3, 260),
     )
     ids = [r.run_id for r in runs]
-    names = {r.run_id: f"{r.name} [{r.state}]" for r in runs}
+    names = {r.run_id: f"{r.name} · {time.strftime('%H:%M:%S', time.localtime(r.created))}" for r in runs}
     if st.session_state.get("tl_selected") not in ids:
         st.session_state["tl_selected"] = ids[0]
     run_id = st.selectbox("Run", ids, format_func=lambda k: names[k], key="tl_selected")
