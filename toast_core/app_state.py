@@ -224,23 +224,10 @@ def base_module(backbone: Backbone) -> SteeringMethod:
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _cached_base(key: tuple[str, str, str], weights_hash: str) -> SteeringMethod:
-    backbone = _cached_backbone(key)
-    head = getattr(backbone.model, "head", None)
-    has_head = isinstance(head, torch.nn.Linear) and head.out_features > 0
-    method = build_method("linear", backbone, head.out_features if has_head else 2)
-    if has_head:
-        with torch.no_grad():
-            method.head.weight.copy_(head.weight)
-            method.head.bias.copy_(head.bias)
-        names = list(backbone.class_names)
-        method.class_names = names if len(names) == head.out_features else None  # type: ignore[attr-defined]
-        method.label = "base backbone"  # type: ignore[attr-defined]
-    else:
-        method.class_names = None  # type: ignore[attr-defined]
-        method.label = "base backbone (no head)"  # type: ignore[attr-defined]
-    method.has_trained_head = has_head  # type: ignore[attr-defined]
-    method.eval()
-    return method
+    """One shared base module per backbone (the library's `compare.base_module`, cached for the app)."""
+    from toast_core.compare import base_module
+
+    return base_module(_cached_backbone(key))
 
 
 SHIPPED_PREFIX = "shipped:"
