@@ -40,14 +40,17 @@ EMBEDDED_CONFIG: dict = {
 class _SourceBatches(Dataset):
     """Batch i of the source stream (generated in a worker process, off the training threads)."""
 
-    def __init__(self, seed: int, batch_size: int, steps: int, start: int, size: int):
+    def __init__(self, seed: int, batch_size: int, steps: int, start: int, size: int, low_size: int, low_steps: int):
         self.seed, self.batch_size, self.steps, self.start, self.size = seed, batch_size, steps, start, size
+        self.low_size, self.low_steps = low_size, low_steps
 
     def __len__(self) -> int:
         return self.steps - self.start
 
     def __getitem__(self, i: int):
-        return source_batch_dense(self.seed, "train", (self.start + i) * self.batch_size, self.batch_size, self.size)
+        step = self.start + i
+        size = self.low_size if step < self.low_steps else self.size
+        return source_batch_dense(self.seed, "train", step * self.batch_size, self.batch_size, size)
 
 
 def lr_at(step: int, steps: int, base_lr: float, warmup: int, min_ratio: float = 0.01) -> float:
@@ -98,7 +101,8 @@ def pretrain_loss(
     if aux_gap > 0:
         loss = loss + aux_gap * F.binary_cross_entropy_with_logits(model.head(patches.mean(dim=1)), targets)
     if dense > 0:
-        soft = patch_targets(class_maps, model.patch_embed.grid_size, targets.shape[1])
+        patch = model.patch_embed.patch_size
+        soft = patch_targets(class_maps, (x.shape[-2] // patch[0], x.shape[-1] // patch[1]), targets.shape[1])
         logp = F.log_softmax(patch_head(patches), dim=-1)
         loss = loss + dense * -(soft * logp).sum(-1).mean()
     return loss
@@ -129,13 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-images", type=int, default=512)
     ap.add_argument("--aux-gap", type=float, default=0.0, help="weight of the mean-patch-token loss (through the same head)")
     ap.add_argument("--dense", type=float, default=1.0, help="weight of the per-patch class loss (training-only head)")
+    ap.add_argument("--low-res", type=int, default=64, help="image size of the first phase (progressive resizing)")
+    ap.add_argument("--low-res-fraction", type=float, default=0.0, help="share of the steps trained at --low-res")
     ap.add_argument("--log-map-every", type=int, default=200)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    model = build_vit(EMBEDDED_CONFIG).to(device)
+    low_steps = int(round(args.low_res_fraction * args.steps))
+    # dynamic_img_size only while training: the weights are the same shapes, the shipped config is fixed-size
+    model = build_vit({**EMBEDDED_CONFIG, "dynamic_img_size": low_steps > 0})
+    model.to(device)
     patch_head = torch.nn.Linear(EMBEDDED_CONFIG["embed_dim"], len(SOURCE_CLASSES) + 1).to(device)
     decay, no_decay = [], []
     for name, p in [*model.named_parameters(), *(("patch_head." + n, p) for n, p in patch_head.named_parameters())]:
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mean, std = EMBEDDED_CONFIG["pretrained_cfg"]["mean"], EMBEDDED_CONFIG["pretrained_cfg"]["std"]
     loader = DataLoader(
-        _SourceBatches(args.seed, args.batch_size, args.steps, start, EMBEDDED_CONFIG["img_size"]),
+        _SourceBatches(args.seed, args.batch_size, args.steps, start, EMBEDDED_CONFIG["img_size"], args.low_res, low_steps),
         batch_size=None, num_workers=1, prefetch_factor=4, persistent_workers=False,
     )
     t0 = time.time()
