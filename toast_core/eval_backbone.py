@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 
 from toast_core.backbone import EMBEDDED_CARD, Backbone, load_backbone
@@ -19,6 +22,9 @@ from toast_core.data.base import to_model_input
 from toast_core.data.scenes import TASKS, make_task_split, source_batch
 from toast_core.forward import Capture, steered_forward
 from toast_core.pretrain import mean_average_precision
+from toast_core.viz import compose_grid, normalise_maps, overlay
+
+FIGURE = Path(__file__).resolve().parent.parent / "assets" / "embedded_scenes.png"
 
 
 def _last_layer_cls_map(backbone: Backbone, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
@@ -73,6 +79,44 @@ def probe_quality(backbone: Backbone, task: str, per_class: int, seed: int, step
     return {"probe_acc": float(metrics["acc"]), **stats}
 
 
+def _mask_tile(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image dimmed outside the mask, with the mask's outline drawn, so masks can be checked by eye."""
+    tile = np.where(mask[..., None], image, (image * 0.3).astype(np.uint8)).copy()
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(tile, contours, -1, (255, 255, 255), 1)
+    return tile
+
+
+def quality_figure(backbone: Backbone, path: Path = FIGURE, per_row: int = 2, tile: int = 192) -> Path:
+    """Scenes, their masks and the backbone's last-layer CLS attention: 4 source scenes, 2 per task.
+
+    Source masks are every labelled object; task masks are the deciding object only.
+    """
+    size = backbone.layout.img_size[0]
+    images, masks, titles = [], [], []
+    src_images, src_targets, src_masks = source_batch(0, "val", 0, 4, size)
+    names = backbone.class_names
+    for i in range(len(src_images)):
+        labels = [names[c] for c in torch.nonzero(src_targets[i]).flatten().tolist()] if names else []
+        images.append(src_images[i]), masks.append(src_masks[i]), titles.append("source: " + ", ".join(labels))
+    for task in TASKS:
+        data = make_task_split(task, "test", 1, 0, size)
+        for i in (0, 3):
+            images.append(data.images[i]), masks.append(data.masks[i])
+            titles.append(f"{task}: {data.class_names[int(data.labels[i])]}")
+    maps = _last_layer_cls_map(backbone, torch.stack(images))
+    tiles, labels = [], []
+    for img, mask, m, title in zip(images, masks, maps, titles, strict=True):
+        rgb = img.permute(1, 2, 0).numpy()
+        norm = normalise_maps([m.numpy()], per_map=True)[0]
+        big = [cv2.resize(t, (tile, tile), interpolation=cv2.INTER_NEAREST) for t in (rgb, _mask_tile(rgb, mask.numpy()))]
+        tiles += [*big, cv2.resize(overlay(rgb, norm), (tile, tile), interpolation=cv2.INTER_LINEAR)]
+        labels += [title[:30], "mask", "CLS attention (last layer)"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compose_grid(tiles, labels, ncols=3 * per_row).save(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--val-images", type=int, default=1000)
@@ -81,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-card", action="store_true", help="store the numbers in checkpoints/embedded_vit.json")
+    ap.add_argument("--figure", type=Path, nargs="?", const=FIGURE, help=f"also draw scenes, masks and attention (default {FIGURE.name})")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -105,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m toast_core.eval_backbone --write-card",
         }
         EMBEDDED_CARD.write_text(json.dumps(card, indent=2))
+    if args.figure:
+        print("figure", quality_figure(backbone, args.figure))
     print(f"({(time.time() - t0):.0f} s)")
     print(f"RESULT map={src['map']:.4f} focus_ratio={src['focus_ratio']:.2f} probe_acc_min={min(p['probe_acc'] for p in probes.values()):.3f}")
     return 0
