@@ -1,8 +1,13 @@
 """Pretrain the embedded default backbone on generated source scenes (multi-label).
 
-`python -m toast_core.pretrain --steps 2200 --out checkpoints/` trains a standard timm
-VisionTransformer sized for a 2-core CPU, saves safetensors + a JSON card, and can resume from its
-own periodic state file if interrupted. Same seed, same weights on the same machine.
+`python -m toast_core.pretrain` (defaults = the shipped recipe: 12400 steps of 32, 48 px then 96 px) trains a
+standard timm VisionTransformer sized for a 2-core CPU, saves safetensors + a JSON card, and can
+resume from its own periodic state file if interrupted. Same seed, same weights on the same machine.
+
+Progressive resizing is what makes a CPU hour enough: a small ViT from scratch learns per image
+seen, not per pixel, and a 48 px scene costs a quarter of the tokens of a 96 px one, so most steps
+run at 48 px (the same weights; the position table is resampled on the fly) and the last ~11% at
+96 px, where the mAP measured at 96 px jumps (0.55 -> 0.90 on the shipped run).
 """
 
 from __future__ import annotations
@@ -119,23 +124,23 @@ def quick_map(model: torch.nn.Module, seed: int, n: int, device: torch.device) -
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=2200)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=12400)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
     ap.add_argument("--state", type=Path, default=Path(".pretrain_state.safetensors"))
-    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--val-images", type=int, default=512)
     ap.add_argument("--aux-gap", type=float, default=0.0, help="weight of the mean-patch-token loss (through the same head)")
     ap.add_argument("--dense", type=float, default=1.0, help="weight of the per-patch class loss (training-only head)")
-    ap.add_argument("--low-res", type=int, default=64, help="image size of the first phase (progressive resizing)")
-    ap.add_argument("--low-res-fraction", type=float, default=0.0, help="share of the steps trained at --low-res")
-    ap.add_argument("--log-map-every", type=int, default=200)
+    ap.add_argument("--low-res", type=int, default=48, help="image size of the first phase (progressive resizing)")
+    ap.add_argument("--low-res-fraction", type=float, default=0.887, help="share of the steps trained at --low-res")
+    ap.add_argument("--log-map-every", type=int, default=500)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -215,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
             "warmup": args.warmup, "seed": args.seed, "images_seen": args.steps * args.batch_size,
             "loss": f"multi-label BCE on the CLS readout + {args.dense} x per-patch soft class CE from the scene masks (training-only linear patch head, not shipped)" + (f" + {args.aux_gap} x BCE on the mean patch token" if args.aux_gap else ""), "optimizer": "AdamW, warmup + cosine, clip 1.0",
+            "resolution_schedule": (f"{args.low_res} px for steps 0-{low_steps - 1}, then {EMBEDDED_CONFIG['img_size']} px" if low_steps else f"{EMBEDDED_CONFIG['img_size']} px throughout"),
             "device": str(device), "threads": args.threads, "train_minutes": round(train_seconds / 60, 2),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "torch": torch.__version__,

@@ -1,6 +1,6 @@
 """TOAST stage 1 (pre-tuning) on the source scenes, with the backbone frozen and P = identity.
 
-`python -m toast_core.pretune --steps 600` trains the decoders and ξ with the source task loss on
+`python -m toast_core.pretune` (400 steps of 32 by default) trains the decoders and ξ with the source task loss on
 pass 2 plus the variational loss (λ = 0.1: each W1_l learns to invert block l), then writes
 `checkpoints/toast_pretuned.{safetensors,json}`. TOAST tuning (stage 2) starts from this module by
 default. The official vision pre-tuning code and recipe were never released; this is ours.
@@ -26,7 +26,7 @@ PRETUNED_STEM = CHECKPOINT_DIR / "toast_pretuned"
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--var-weight", type=float, default=0.1)
