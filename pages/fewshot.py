@@ -9,6 +9,7 @@ from toast_core import app_state as S
 from toast_core.data.folder import ImageFolderError
 from toast_core.data.scenes import TASKS
 from toast_core.data.zip_import import ZipImportError
+from toast_core.fewshot import EpisodeCache, FewShotConfig, MethodSpec, TunedEpisode, tune_episode
 from toast_core.methods.fort import HEAD_AGGS, PROMPT_WEIGHTS, default_prompt_patches
 from toast_core.viz import overlay, overlays
 
@@ -96,6 +97,15 @@ def show_prompts(backbone, episode, key: str) -> dict:
     return {"lam": lam, "prompt_patches": p, "head_agg": head_agg, "prompt_weights": weights}
 
 
+def tune_pair(backbone, episode, base: str, steps: int, lr: float, fort: dict) -> list[TunedEpisode]:
+    """`base` and `fort_<base>` tuned on the support set as the few-shot benchmark tunes them (ridge
+    head init, one shared importance, batch = n_way, constant lr), tuned modules and query attention kept."""
+    config = FewShotConfig.for_episode(episode, steps=steps)
+    cache = EpisodeCache(backbone, episode, config)
+    specs = [MethodSpec(base, base, lr=lr), MethodSpec(f"{base} + FORT", f"fort_{base}", dict(fort), lr=lr)]
+    return [tune_episode(backbone, spec, episode, config, cache=cache) for spec in specs]
+
+
 def show_runs(backbone, episode, key: str, prompt: dict) -> None:
     st.subheader("Fine-tune with and without FORT")
     cols = st.columns(4)
@@ -110,7 +120,7 @@ def show_runs(backbone, episode, key: str, prompt: dict) -> None:
                                  format="%g", key=f"fs_alpha_{base}")
     if st.button("Run both on this episode", type="primary", key="fs_run"):
         with st.spinner("Tuning on the support set…"):
-            runs = S.tune_on_episode(backbone, episode, base, int(steps), float(lr), {"fort_alpha": float(alpha), **prompt})
+            runs = tune_pair(backbone, episode, base, int(steps), float(lr), {"fort_alpha": float(alpha), **prompt})
         st.session_state["fewshot_result"] = {"key": key, "runs": runs}
     result = st.session_state.get("fewshot_result")
     if not result or result["key"] != key:
@@ -120,8 +130,8 @@ def show_runs(backbone, episode, key: str, prompt: dict) -> None:
     for col, r in zip(cols, runs):
         focus = "" if r.focus is None else f" · focus {r.focus:.2f} (chance {r.area:.2f})"
         col.metric(r.label, f"{r.acc:.1%} query accuracy", help=f"{r.seconds:.1f} s")
-        col.caption(f"{r.method}{focus}" + ("" if r.prompt_on_object is None else
-                                            f" · prompts {r.prompt_on_object:.0%} on object"))
+        col.caption(f"{r.module.name}{focus}" + ("" if r.prompt_on_object is None else
+                                                 f" · prompts {r.prompt_on_object:.0%} on object"))
     query = episode.query
     names = query.class_names
     st.markdown("**Query predictions and last-layer attention** (image, then each module; one colour scale per query)")

@@ -12,10 +12,16 @@ The official FORT setting is 20-way (1 or 5 shot) wherever a data set has at lea
 (`official_n_way`); the built-in tasks have 8 ("stars") and 10 ("glyphs") classes, so they are
 evaluated 5-way. Any `LabeledImages` works (built-in tasks via `task_pool`, image folders, uploads).
 
-Shared work: at init every method here (linear, full, LoRA, BitFit and their FORT versions) computes
-exactly the frozen backbone's forward, so the support features, the ridge head and FORT's importance
-are computed once per episode on the frozen backbone; a method whose initial features differ (checked
-on one support image) gets its own.
+Shared work (`EpisodeCache`): at init every method here (linear, full, LoRA, BitFit and their FORT
+versions) computes exactly the frozen backbone's forward, so the support features, the ridge head and
+FORT's importance (with the same ridge head) are computed once per episode on the frozen backbone,
+and every FORT method of the episode trains towards the same prompts; a method whose initial features
+differ (checked on one support image) gets its own. The linear probe's backbone stays frozen, so it
+trains on those cached features (`train_head_on_features`: the same batches, optimiser and schedule
+as `train()`, without a backbone forward per step) and is scored with one forward of the queries.
+
+`tune_episode` keeps the tuned module and its query attention (the app's few-shot page);
+`run_episode` keeps only the scores.
 """
 
 from __future__ import annotations
@@ -23,14 +29,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from toast_core.attention import area_share, cls_view, focus_share
+from toast_core.attention import AttentionView, area_share, cls_view, focus_share
 from toast_core.backbone import Backbone
 from toast_core.data.base import LabeledImages
 from toast_core.data.episodes import Episode, episodes, sample_episode
@@ -43,7 +49,16 @@ from toast_core.methods.fort import (
     ridge_head,
     support_features,
 )
-from toast_core.train import TrainConfig, prepare_batch, train
+from toast_core.methods.linear import LinearProbe
+from toast_core.train import (
+    TrainConfig,
+    _EpochSampler,
+    build_optimizer,
+    lr_at,
+    prepare_batch,
+    task_loss,
+    train,
+)
 
 HEAD_INITS = ("ridge", "random")
 OFFICIAL_WAYS = 20
@@ -95,6 +110,14 @@ class FewShotConfig:
         if self.episodes < 1 or self.epochs < 1:
             raise ValueError("episodes and epochs must be >= 1.")
 
+    @classmethod
+    def for_episode(cls, episode: Episode, **settings: Any) -> FewShotConfig:
+        """The config whose episode shape is this episode's (n_way from its classes), one episode."""
+        n_way = len(episode.support.class_names)
+        shape = {"n_way": n_way, "k_shot": max(1, len(episode.support) // n_way),
+                 "n_query": max(1, len(episode.query) // n_way), "episodes": 1}
+        return cls(**{**shape, **settings})
+
     def steps_for(self, spec: MethodSpec) -> int:
         if spec.steps is not None:
             return spec.steps
@@ -118,6 +141,7 @@ class EpisodeResult:
     seconds: float
     train_loss: float
     prompt_on_object: float | None = None
+    cpu_seconds: float = 0.0  # CPU time of this process (= compute on one thread; load-independent)
 
 
 @dataclass
@@ -137,6 +161,7 @@ class FewShotSummary:
     prompt_on_object: float | None
     seconds: float
     results: list[EpisodeResult]
+    cpu_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,9 +195,10 @@ def task_pool(task: str, per_class: int = 20, seed: int = 0, split: str = "test"
 
 
 # --- one episode ------------------------------------------------------------------------------------
-class _EpisodeCache:
-    """Work shared by the methods of one episode: prepared support input, frozen features, ridge head,
-    FORT importance per setting."""
+class EpisodeCache:
+    """Frozen-backbone work shared by every method of one episode, done once: the prepared support
+    input, its frozen features, the ridge head on them, and FORT's importance per setting (so
+    FT+FORT and LoRA+FORT train towards the same position prompts)."""
 
     def __init__(self, backbone: Backbone, episode: Episode, config: FewShotConfig):
         self.episode, self.config = episode, config
@@ -188,13 +214,52 @@ class _EpisodeCache:
         return bool(torch.allclose(support_features(method, self.x[:1]), self.features[:1], atol=1e-5, rtol=1e-4))
 
     def importance(self, cfg: Any) -> Tensor:
+        """FORT's importance of the support images for these settings (ridge importance head)."""
         key = (cfg.lam, cfg.head_agg, cfg.keep_top, cfg.ridge_lam)
         if key not in self._importance:
+            fitted = self.head if cfg.ridge_lam == self.config.ridge_lam else None
             self._importance[key] = position_importance(
                 self.reference, self.x, self.labels, lam=cfg.lam, head_agg=cfg.head_agg,
-                keep_top=cfg.keep_top, importance_head="ridge", ridge_lam=cfg.ridge_lam,
+                keep_top=cfg.keep_top, importance_head="ridge", ridge_lam=cfg.ridge_lam, ridge=fitted,
             )
         return self._importance[key]
+
+
+_EpisodeCache = EpisodeCache  # the old private name, still used by toast_core.app_state
+
+
+@dataclass
+class TunedEpisode:
+    """One method tuned on an episode's support set and scored on its query set, with the tuned
+    module and its query attention kept (what the app's few-shot page shows)."""
+
+    result: EpisodeResult
+    module: SteeringMethod
+    view: AttentionView  # last-layer head-mean CLS attention of every query image
+
+    @property
+    def label(self) -> str:
+        return self.result.label
+
+    @property
+    def acc(self) -> float:
+        return self.result.acc
+
+    @property
+    def focus(self) -> float | None:
+        return self.result.focus
+
+    @property
+    def area(self) -> float | None:
+        return self.result.area
+
+    @property
+    def seconds(self) -> float:
+        return self.result.seconds
+
+    @property
+    def prompt_on_object(self) -> float | None:
+        return self.result.prompt_on_object
 
 
 def _set_head(method: SteeringMethod, weight: Tensor, bias: Tensor) -> None:
@@ -204,7 +269,7 @@ def _set_head(method: SteeringMethod, weight: Tensor, bias: Tensor) -> None:
             method.head.bias.copy_(bias)
 
 
-def _prepare_fort(method: SteeringMethod, cache: _EpisodeCache, shared: bool) -> float | None:
+def _prepare_fort(method: SteeringMethod, cache: EpisodeCache, shared: bool) -> float | None:
     """Position prompts for a FORT method (shared importance where valid); returns their mass on the
     support masks, if the data has masks."""
     assert isinstance(method, FortMixin)
@@ -222,33 +287,80 @@ def _prepare_fort(method: SteeringMethod, cache: _EpisodeCache, shared: bool) ->
     return float(np.mean(focus_share(maps, masks)))
 
 
+def _head_only(method: SteeringMethod, shared: bool) -> bool:
+    """May this method train on the cached support features? Only the plain linear probe on the
+    frozen forward (deterministic: no dropout, no augmentation), on CPU (no autocast)."""
+    return type(method) is LinearProbe and shared and method.head.weight.device.type == "cpu"
+
+
+def train_head_on_features(method: SteeringMethod, features: Tensor, labels: Tensor, config: TrainConfig) -> float:
+    """`train(method, support, None, config)` for a head-only method, on its support features
+    computed once: the same batches (seeded epoch-wise permutation), AdamW groups, lr schedule,
+    clipping and cross-entropy, without a backbone forward per step (the probe's backbone is frozen,
+    so its features never change). Returns the final train loss (mean of the last 10 steps)."""
+    torch.manual_seed(config.seed)
+    sampler = _EpochSampler(len(features), torch.Generator().manual_seed(config.seed))
+    optimizer = build_optimizer(method, config)
+    params = method.trainable_parameters()
+    feats, labels = features.detach(), labels.to(features.device)
+    losses = []
+    method.train()
+    for step in range(config.steps):
+        idx = sampler.next(config.batch_size)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        loss = task_loss(method.head(feats[idx]), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    method.eval()
+    return float(np.mean(losses[-10:])) if losses else float("nan")
+
+
+def query_view(method: SteeringMethod, query: LabeledImages, batch_size: int = 64) -> AttentionView:
+    """Last-layer head-mean CLS attention and predictions of every query image (batched forwards)."""
+    views = [
+        cls_view(method, prepare_batch(method, query.images[i : i + batch_size]), layer=-1, head="mean")
+        for i in range(0, len(query), batch_size)
+    ]
+    if len(views) == 1:
+        return views[0]
+    cat = np.concatenate
+    return replace(views[0], map=cat([v.map for v in views]), pred=cat([v.pred for v in views]),
+                   conf=cat([v.conf for v in views]))
+
+
+def score_view(view: AttentionView, query: LabeledImages) -> tuple[float, float | None, float | None]:
+    """Accuracy and (with masks) mean focus share / area share of a query view."""
+    acc = float((view.pred == query.labels.numpy()).sum()) / max(len(query), 1)
+    if query.masks is None:
+        return acc, None, None
+    focus = np.atleast_1d(focus_share(view.map, query.masks))
+    area = np.atleast_1d(area_share(query.masks, view.grid))
+    return acc, float(np.mean(focus)), float(np.mean(area))
+
+
 def score_queries(method: SteeringMethod, query: LabeledImages, batch_size: int = 64) -> tuple[float, float | None, float | None]:
     """Accuracy and (with masks) mean focus share / area share of last-layer CLS attention, one forward."""
-    correct, focus, area = 0, [], []
-    for start in range(0, len(query), batch_size):
-        images = query.images[start : start + batch_size]
-        view = cls_view(method, prepare_batch(method, images), layer=-1, head="mean")
-        labels = query.labels[start : start + batch_size].numpy()
-        correct += int((view.pred == labels).sum())
-        if query.masks is not None:
-            masks = query.masks[start : start + batch_size]
-            focus.extend(np.atleast_1d(focus_share(view.map, masks)).tolist())
-            area.extend(np.atleast_1d(area_share(masks, view.grid)).tolist())
-    acc = correct / max(len(query), 1)
-    return acc, (float(np.mean(focus)) if focus else None), (float(np.mean(area)) if area else None)
+    return score_view(query_view(method, query, batch_size), query)
 
 
-def run_episode(
+def tune_episode(
     backbone: Backbone,
     spec: MethodSpec,
     episode: Episode,
-    index: int,
     config: FewShotConfig,
-    cache: _EpisodeCache | None = None,
-) -> EpisodeResult:
-    """Build `spec` fresh, initialise its head, prepare FORT prompts, tune on the support set, score."""
-    t0 = time.perf_counter()
-    cache = cache or _EpisodeCache(backbone, episode, config)
+    *,
+    index: int = 0,
+    cache: EpisodeCache | None = None,
+) -> TunedEpisode:
+    """Build `spec` fresh, initialise its head, prepare FORT prompts, tune on the support set, score
+    the queries; keeps the tuned module. `index` seeds the training (seed · 100003 + index)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    cache = cache or EpisodeCache(backbone, episode, config)
     method = build_method(spec.method, backbone, config.n_way, dict(spec.config))
     shared = cache.same_start(method)
     if config.head_init == "ridge":
@@ -268,9 +380,14 @@ def run_episode(
         seed=config.seed * 100_003 + index,
         device=config.device,
     )
-    result = train(method, episode.support, None, tc) if steps > 0 else None
-    acc, focus, area = score_queries(method, episode.query, config.eval_batch_size)
-    return EpisodeResult(
+    loss = float("nan")
+    if steps > 0 and _head_only(method, shared):
+        loss = train_head_on_features(method, cache.features, cache.labels, tc)
+    elif steps > 0:
+        loss = float(train(method, episode.support, None, tc).final.get("train_loss", float("nan")))
+    view = query_view(method, episode.query, config.eval_batch_size)
+    acc, focus, area = score_view(view, episode.query)
+    result = EpisodeResult(
         label=spec.label,
         episode=index,
         acc=acc,
@@ -278,9 +395,23 @@ def run_episode(
         area=area,
         steps=steps,
         seconds=time.perf_counter() - t0,
-        train_loss=float(result.final.get("train_loss", float("nan"))) if result else float("nan"),
+        train_loss=loss,
         prompt_on_object=on_object,
+        cpu_seconds=time.process_time() - c0,
     )
+    return TunedEpisode(result, method, view)
+
+
+def run_episode(
+    backbone: Backbone,
+    spec: MethodSpec,
+    episode: Episode,
+    index: int,
+    config: FewShotConfig,
+    cache: EpisodeCache | None = None,
+) -> EpisodeResult:
+    """`tune_episode` without keeping the module: the scores of `spec` on this episode."""
+    return tune_episode(backbone, spec, episode, config, index=index, cache=cache).result
 
 
 # --- many episodes ---------------------------------------------------------------------------------
@@ -304,6 +435,7 @@ def summarise(spec: MethodSpec, config: FewShotConfig, results: list[EpisodeResu
         prompt_on_object=float(np.mean(prompts)) if prompts else None,
         seconds=float(sum(r.seconds for r in results)),
         results=results,
+        cpu_seconds=float(sum(r.cpu_seconds for r in results)),
     )
 
 
@@ -331,7 +463,7 @@ def run_episodes(
         if deadline is not None and time.monotonic() > deadline:
             break
         episode = sample_episode(data, config.n_way, config.k_shot, config.n_query, (config.seed, index))
-        cache = _EpisodeCache(backbone, episode, config)
+        cache = EpisodeCache(backbone, episode, config)
         for spec in active:
             res = run_episode(backbone, spec, episode, index, config, cache)
             results[spec.label].append(res)
@@ -359,6 +491,7 @@ def evaluate_fewshot(
 
 
 __all__ = [
+    "EpisodeCache",
     "EpisodeResult",
     "FewShotConfig",
     "FewShotSummary",
@@ -367,9 +500,14 @@ __all__ = [
     "mean_ci95",
     "official_n_way",
     "paired_difference",
+    "query_view",
     "run_episode",
     "run_episodes",
     "score_queries",
+    "score_view",
     "summarise",
     "task_pool",
+    "train_head_on_features",
+    "tune_episode",
+    "TunedEpisode",
 ]

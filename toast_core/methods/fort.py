@@ -205,11 +205,14 @@ def position_importance(
     importance_head: str = "ridge",
     ridge_lam: float = 50.0,
     batch_size: int = 32,
+    ridge: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """FORT's patch importance (S, gh, gw) of prepared support inputs, for their true classes.
 
     With `importance_head="ridge"` the gradient comes from a ridge head fitted on the support
     features (the method's own head is restored afterwards); "own" uses the method's head as it is.
+    `ridge`: that head when the caller already fitted it on these inputs' features with `ridge_lam`
+    (a few-shot episode shares it with the classifier init), which saves one forward of the support.
     """
     from toast_core.attention import gradient_rollout  # attention imports the method registry; import late
 
@@ -217,7 +220,7 @@ def position_importance(
     if importance_head not in IMPORTANCE_HEADS:
         raise ValueError(f"importance_head must be one of {', '.join(IMPORTANCE_HEADS)}; got {importance_head!r}.")
     if importance_head == "ridge":
-        w, b = ridge_head(support_features(method, x), labels, method.num_classes, ridge_lam)
+        w, b = ridge if ridge is not None else ridge_head(support_features(method, x), labels, method.num_classes, ridge_lam)
         ctx: contextlib.AbstractContextManager[None] = head_swapped(method, w, b)
     else:
         ctx = contextlib.nullcontext()
