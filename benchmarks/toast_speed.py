@@ -4,7 +4,14 @@ way the released code (bfshi/TOAST, vit_top_down.py) computes.
 Why: TOAST runs the backbone twice, so its cost is the question users ask first. This project's
 TOAST runs pass 1 without an autograd graph through fused attention, and sends td through W_v only;
 the released code runs both passes with explicit softmax attention and sends td through the whole
-qkv Linear. Late feedback (k = L/2) runs only the top half in pass 2.
+qkv Linear. Late feedback (k = L/2) runs only the top half in pass 2 (pass 1 still runs every block:
+the selection reads the top-layer tokens).
+
+Two floors are timed alongside: the frozen backbone's share of any two-pass method whose signal
+enters the values at block k (k = 0: TOAST; k = L/2: late feedback) — pass 1 without a graph, pass 2
+from the pass-1 stream at block k with one trainable value change there, so the backward runs from
+the top down to block k; no selection, no decoders. With the backbone run as it is, TOAST cannot cost
+less than its floor, so a ratio target below the floor's cannot be met by TOAST's own code.
 
 Default: timm vit_tiny_patch16_224 (random init, no download), 224 px, batch 16, CPU, one thread.
 Every contender is timed once per round in rotating order (interleaved, so load drifts hit all
@@ -12,7 +19,8 @@ alike), after warm-up rounds; medians are reported. The default clock is the pro
 (`--clock cpu`): on a machine shared with other jobs, wall time mostly measures waiting for a core,
 while single-threaded CPU time measures the work. `--clock wall` for an idle machine.
 `--smoke` runs the tiny fixture backbone in seconds.
-Last line: `RESULT toast_vs_ref=… toast_vs_full=… lite_vs_ref=… late_vs_ref=…`.
+Last line: `RESULT toast_vs_ref=… toast_vs_full=… lite_vs_ref=… late_vs_ref=… floor_vs_ref=…
+late_floor_vs_ref=…`.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toast_core.backbone import Backbone, _wrap, tiny_fixture_backbone
+from toast_core.forward import Capture, Steer, pool, steered_forward
 from toast_core.methods.base import SteeringMethod
 from toast_core.methods.full import FullFineTune
 from toast_core.methods.toast import Toast, ToastConfig, ToastLite
@@ -83,6 +92,46 @@ class ReleasedTopDown(nn.Module):
             x = self.decoders[depth].linear(x)
             td = [self.decoders[depth].linear2(x), *td]
         return self.head(self.forward_features(images, td)[:, 0])
+
+
+class _ValueAt(Steer):
+    """One value change at one block: the cheapest signal a two-pass method can send down."""
+
+    def __init__(self, layer: int, delta: Tensor) -> None:
+        self.layer, self.delta = layer, delta
+
+    def value_delta(self, layer: int) -> Tensor | None:
+        return self.delta if layer == self.layer else None
+
+
+class TwoPassFloor(nn.Module):
+    """The frozen backbone's share of a two-pass method whose signal enters the values at block
+    `start`: pass 1 with no graph, pass 2 resumed from the pass-1 stream at `start` with a trainable
+    value change there (the backward runs from the top down to `start`), a head; nothing else."""
+
+    def __init__(self, bb: Backbone, num_classes: int, start: int) -> None:
+        super().__init__()
+        self._vit = (bb.model,)  # frozen, shared; not registered
+        self.start = start
+        layout = bb.layout
+        self.delta = nn.Parameter(
+            torch.zeros(layout.num_prefix_tokens + layout.num_patches, layout.embed_dim)
+        )
+        self.head = nn.Linear(layout.embed_dim, num_classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        vit = self._vit[0]
+        with torch.no_grad():
+            first = steered_forward(vit, images, capture=Capture(block_inputs=[self.start]))
+        second = steered_forward(
+            vit,
+            None,
+            steer=_ValueAt(self.start, self.delta.expand(images.shape[0], -1, -1)),
+            start_block=self.start,
+            hidden=first.block_inputs[self.start],
+            grid=first.grid,
+        )
+        return self.head(pool(vit, second))
 
 
 def make_step(
@@ -151,6 +200,8 @@ def main() -> None:
     reference = ReleasedTopDown(bb.model, compat)
     lite = ToastLite(bb, args.classes)
     late = Toast(bb, args.classes, ToastConfig(feedback_to=depth // 2))
+    floor = TwoPassFloor(bb, args.classes, 0)
+    late_floor = TwoPassFloor(bb, args.classes, depth // 2)
 
     # The reference must compute what TOAST's official form computes, or the comparison is void.
     with torch.no_grad():
@@ -164,6 +215,8 @@ def main() -> None:
         "toast": make_step(toast, method_forward(toast), images, labels, clock),
         "toast_lite": make_step(lite, method_forward(lite), images, labels, clock),
         f"late_k{depth // 2}": make_step(late, method_forward(late), images, labels, clock),
+        "floor": make_step(floor, floor, images, labels, clock),
+        f"floor_k{depth // 2}": make_step(late_floor, late_floor, images, labels, clock),
     }
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -186,7 +239,9 @@ def main() -> None:
         "reference": sum(p.numel() for p in reference.parameters() if p.requires_grad),
         "toast": toast.trainable_count(),
         "toast_lite": lite.trainable_count(),
-        names[-1]: late.trainable_count(),
+        names[4]: late.trainable_count(),
+        "floor": sum(p.numel() for p in floor.parameters()),
+        names[6]: sum(p.numel() for p in late_floor.parameters()),
     }
     for name in names:
         print(
@@ -197,7 +252,9 @@ def main() -> None:
         "toast_vs_ref": med["toast"] / med["reference"],
         "toast_vs_full": med["toast"] / med["full"],
         "lite_vs_ref": med["toast_lite"] / med["reference"],
-        "late_vs_ref": med[names[-1]] / med["reference"],
+        "late_vs_ref": med[names[4]] / med["reference"],
+        "floor_vs_ref": med["floor"] / med["reference"],
+        "late_floor_vs_ref": med[names[6]] / med["reference"],
     }
     verdicts = [f"{k} {result[k]:.2f} {'<=' if result[k] <= v else '>'} {v:.2f}" for k, v in TARGETS.items()]
     print("targets: " + "; ".join(verdicts))

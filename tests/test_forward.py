@@ -524,6 +524,69 @@ def test_overriding_with_own_map_changes_nothing(vit: VisionTransformer, images:
     assert _close(same.tokens, plain.tokens)
 
 
+class _ValueDelta(Steer):
+    def __init__(self, deltas: dict[int, Tensor], td: dict[int, Tensor] | None = None):
+        self.deltas, self.td = deltas, td or {}
+
+    def value_delta(self, layer: int) -> Tensor | None:
+        return self.deltas.get(layer)
+
+    def value_signal(self, layer: int) -> Tensor | None:
+        return self.td.get(layer)
+
+
+def test_value_delta_is_the_projected_signal_and_adds_to_it(vit: VisionTransformer, images: Tensor) -> None:
+    """value_delta hands over W_v·td already projected; given together, delta and signal add."""
+    layer, c = 1, vit.embed_dim
+    td = torch.randn(2, 17, c, generator=torch.Generator().manual_seed(4))
+    dv = td @ vit.blocks[layer].attn.qkv.weight[2 * c :].T
+    with torch.no_grad():
+        via_signal = steered_forward(vit, images, _Value(layer, td)).tokens
+        via_delta = steered_forward(vit, images, _ValueDelta({layer: dv})).tokens
+        halves = steered_forward(vit, images, _ValueDelta({layer: dv / 2}, {layer: td / 2})).tokens
+    assert _close(via_delta, via_signal) and _close(halves, via_signal)
+    assert not _close(via_delta, vit.forward_features(images), 1e-3)
+
+
+def test_resume_at_block_zero_from_the_embedded_stream(case: tuple[VisionTransformer, Tensor]) -> None:
+    """A second pass can start from the first pass's embedded stream: no second patch embedding."""
+    model, x = case
+    with torch.no_grad():
+        full = steered_forward(model, x, capture=Capture(block_inputs=[0]))
+        again = steered_forward(model, None, hidden=full.block_inputs[0], grid=full.grid)
+    assert torch.equal(again.tokens, full.tokens)
+    assert again.grid == full.grid and again.patch_start == full.patch_start
+    with pytest.raises(ValueError, match="grid"):
+        steered_forward(model, None, hidden=full.block_inputs[0])
+
+
+def test_value_only_gradient_runs_explicit_and_matches_fused(vit: VisionTransformer, images: Tensor) -> None:
+    """Where only the values carry a gradient (the first block a value change reaches, its input
+    constant), the attention runs explicitly with a graph-free map; tokens, CLS rows and gradients
+    equal the fused path's, taken here by giving the block input a gradient too."""
+    with torch.no_grad():
+        x0 = steered_forward(vit, images, capture=Capture(block_inputs=[0])).block_inputs[0]
+    delta0 = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(6))
+    runs = []
+    for input_grad in (False, True):
+        delta = delta0.clone().requires_grad_(True)
+        hidden = x0.clone().requires_grad_(input_grad)
+        with _Recorder() as rec:
+            out = steered_forward(
+                vit, None, _ValueDelta({0: delta}), Capture(cls_attn=[0]), hidden=hidden, grid=(4, 4)
+            )
+        pool(vit, out).square().sum().backward()
+        runs.append((rec, out, delta.grad))
+    (explicit, out_e, grad_e), (fused, out_f, grad_f) = runs
+    assert explicit.sdpa == 1 and explicit.softmax_shapes == [(2, 2, 17, 17)]  # block 0 explicit
+    assert fused.sdpa == 2 and fused.softmax_shapes == [(2, 2, 1, 17)]  # only the CLS row
+    assert not out_e.cls_attn[0].requires_grad
+    assert _close(out_e.tokens.detach(), out_f.tokens.detach())
+    assert _close(out_e.cls_attn[0], out_f.cls_attn[0].detach())
+    assert grad_e is not None and grad_e.abs().sum() > 0
+    torch.testing.assert_close(grad_e, grad_f, rtol=1e-4, atol=1e-5)
+
+
 # --- the shared backbone is never changed ------------------------------------------------------------
 
 

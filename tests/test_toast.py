@@ -211,6 +211,97 @@ def test_folded_feedback_equals_the_chain(cls: type[Toast], bb: Backbone) -> Non
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("official", [False, True])
+@pytest.mark.parametrize("fold", [False, True])
+def test_value_deltas_are_w_v_times_td(official: bool, fold: bool, bb: Backbone) -> None:
+    """Pass 2 receives ΔV_l = W_v,l td_l (+ b_v,l in the official form), with W_v folded into the
+    operator on training batches: same values and same gradients as projecting td block by block."""
+    method = Toast(bb, CLASSES, ToastConfig(official_compat=official))
+    _strong_decoders(method)
+    d = bb.layout.embed_dim
+    z = torch.randn(4, 17, d, generator=torch.Generator().manual_seed(8))
+    results = []
+    for build in ("deltas", "td"):
+        method.zero_grad()
+        if build == "deltas":
+            out = method.value_deltas(z, method.select(z), fold=fold)
+        else:
+            td = method.feedback(z, method.select(z), fold=False)
+            out = {}
+            for l, t in td.items():
+                qkv = bb.model.blocks[l].attn.qkv
+                out[l] = F.linear(t, qkv.weight[2 * d :], qkv.bias[2 * d :] if official else None)
+        sum((t * (l + 1)).sum() for l, t in out.items()).backward()
+        grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+        results.append(({l: t.detach() for l, t in out.items()}, grads))
+    (deltas, g_deltas), (want, g_want) = results
+    assert sorted(deltas) == list(range(DEPTH))
+    for layer in range(DEPTH):
+        torch.testing.assert_close(deltas[layer], want[layer], rtol=1e-5, atol=1e-5)
+    assert g_deltas.keys() == g_want.keys() and "xi" in g_want
+    for name in g_want:
+        torch.testing.assert_close(g_deltas[name], g_want[name], rtol=1e-4, atol=1e-4)
+
+
+def test_td_norm_is_the_rms_of_td_either_way(bb: Backbone) -> None:
+    """td_norm (B, L): root-mean-square over tokens of ‖td_l‖, from td itself (chain) or from
+    moments without forming td (folded); zero for blocks outside the feedback range."""
+    late = Toast(bb, CLASSES, ToastConfig(feedback_to=1))
+    _strong_decoders(late)
+    z = torch.randn(4, 17, bb.layout.embed_dim, generator=torch.Generator().manual_seed(9))
+    m = late.select(z)
+    td = late.feedback(z, m, fold=False)
+    want = torch.zeros(4, DEPTH)
+    for l, t in td.items():
+        want[:, l] = t.detach().pow(2).sum(dim=-1).mean(dim=1).sqrt()
+    assert (want[:, 0] == 0).all() and (want[:, 1:] > 0).all()
+    for fold in (False, True):
+        torch.testing.assert_close(late._signal(z, m, fold, into_values=True)[1], want, rtol=1e-4, atol=1e-6)
+
+
+# official form for the default; paper form for late feedback (the formula's td = 0 below k adds no b_v)
+@pytest.mark.parametrize(("feedback_to", "official"), [(None, True), (DEPTH // 2, False)])
+def test_training_gradients_equal_the_formula_reference(
+    feedback_to: int | None, official: bool, bb: Backbone
+) -> None:
+    """The fast training path (graph-free pass 1, pass 2 resumed from pass 1's stream, W_v folded,
+    value-only attention backward at the first feedback block) gives the gradients of the formulas."""
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(12))  # 8×17 rows: folded
+    labels = torch.arange(8) % CLASSES
+    method = Toast(bb, CLASSES, ToastConfig(official_compat=official, feedback_to=feedback_to))
+    _strong_decoders(method)
+    _aim_xi(method, images)
+    F.cross_entropy(method(images).logits, labels).backward()
+
+    w1, w2 = ([w.clone().requires_grad_(True) for w in ws] for ws in _weights(method))
+    xi = method.xi.detach().clone().requires_grad_(True)
+    head = nn.Linear(bb.layout.embed_dim, CLASSES)
+    head.load_state_dict(method.head.state_dict())
+    if feedback_to:  # no feedback below k: the formula with td = 0 there (W2 zero below k)
+        w2 = [w * (l >= feedback_to) for l, w in enumerate(w2)]
+    logits = reference_logits(bb.model, head, images, xi, method.P.detach(), w1, w2, official)
+    F.cross_entropy(logits, labels).backward()
+    start = feedback_to or 0
+    for l in range(start, DEPTH):
+        torch.testing.assert_close(method.decoders[l].linear.weight.grad, w1[l].grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(method.xi.grad, xi.grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(method.head.weight.grad, head.weight.grad, rtol=1e-3, atol=1e-5)
+    assert all(method.decoders[l].linear.weight.grad is None for l in range(start))
+
+
+def test_pass2_resumes_from_the_pass1_stream(bb: Backbone, images: Tensor) -> None:
+    """The patch embedding runs once per forward: pass 2 starts from pass 1's embedded stream."""
+    method = Toast(bb, CLASSES)
+    calls: list[int] = []
+    handle = bb.model.patch_embed.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            method(images)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
 def test_pass1_builds_no_graph(bb: Backbone, images: Tensor) -> None:
     method = Toast(bb, CLASSES)
     _strong_decoders(method)

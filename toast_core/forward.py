@@ -72,6 +72,11 @@ class Steer:
         """A top-down signal td (B, N, d) in input space; the forward adds W_v·td to the values."""
         return None
 
+    def value_delta(self, layer: int) -> Tensor | None:
+        """A change (B, N, d) added to the values as it is, for a method that folds W_v into its own
+        operator (TOAST): one d×d product per block less, forward and backward. Adds to value_signal."""
+        return None
+
     def attention_override(self, layer: int) -> Tensor | None:
         """A post-softmax attention map (B, H, N, N) to use instead of the block's own."""
         return None
@@ -161,6 +166,19 @@ def _linear(mod: nn.Linear, inp: Tensor, steer: Steer | None, layer: int, site: 
     return out
 
 
+def _value_change(attn: Attention, steer: Steer, layer: int, dtype: torch.dtype) -> Tensor | None:
+    """What the steer adds to the values of `layer`: its value delta plus W_v·td (+ b_v if asked)."""
+    dv = steer.value_delta(layer)
+    td = steer.value_signal(layer)
+    if td is not None:
+        C = attn.num_heads * attn.head_dim
+        bias = attn.qkv.bias
+        b_v = bias[2 * C :] if (steer.value_signal_bias and bias is not None) else None
+        from_td = F.linear(td.to(dtype), attn.qkv.weight[2 * C :], b_v)
+        dv = from_td if dv is None else dv + from_td
+    return None if dv is None else dv.to(dtype)
+
+
 def _attention(
     blk: Block,
     u: Tensor,
@@ -181,13 +199,9 @@ def _attention(
     qkv = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if steer is not None:
-        td = steer.value_signal(layer)
-        if td is not None:
-            w_v = attn.qkv.weight[2 * C :]
-            b_v = attn.qkv.bias[2 * C :] if (steer.value_signal_bias and attn.qkv.bias is not None) else None
-            dv = F.linear(td.to(u.dtype), w_v, b_v)
-            v = v + dv.reshape(B, N, H, D).transpose(1, 2)
+    dv = _value_change(attn, steer, layer, u.dtype) if steer is not None else None
+    if dv is not None:
+        v = v + dv.reshape(B, N, H, D).transpose(1, 2)
     override = steer.attention_override(layer) if steer is not None else None
     explicit = want_map or want_logits or override is not None or (want_row and not has_cls)
     if explicit:
@@ -201,6 +215,14 @@ def _attention(
             out.cls_attn[layer] = weights[:, :, 0] if has_cls else weights.mean(dim=2)
         if override is not None:
             weights = override.to(weights.dtype)
+        o = attn.attn_drop(weights) @ v
+    elif torch.is_grad_enabled() and v.requires_grad and not (q.requires_grad or k.requires_grad):
+        # Only the values carry a gradient (the first block a value signal reaches): the fused
+        # kernel's backward recomputes the whole attention, while here it is one matmul Aᵀ·dO.
+        with torch.no_grad():
+            weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        if want_row:
+            out.cls_attn[layer] = weights[:, :, 0]  # has_cls here: the explicit branch takes the rest
         o = attn.attn_drop(weights) @ v
     else:
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
@@ -238,8 +260,9 @@ def steered_forward(
 ) -> SteeredOutput:
     """Run `model` with the steering touch points and return the final-norm tokens and captures.
 
-    With `start_block > 0`, `hidden` is the residual stream entering that block (e.g. reused from an
-    earlier pass) and `images` is ignored. `stop_block` runs blocks [start_block, stop_block) only;
+    With `hidden` (required when `start_block > 0`), that is the residual stream entering
+    `start_block` (e.g. reused from an earlier pass; at block 0 the embedded stream, so the patch
+    embedding and `transform_input` are skipped) and `images` is ignored. `stop_block` runs blocks [start_block, stop_block) only;
     `tokens` is then the final norm applied to that intermediate stream.
     """
     check_supported(model)
@@ -255,7 +278,9 @@ def steered_forward(
     ins = resolve_layers(capture.block_inputs, depth)
     outs = resolve_layers(capture.block_outputs, depth)
 
-    if start_block == 0:
+    if hidden is None:
+        if start_block > 0:
+            raise ValueError("Starting past block 0 needs the hidden stream and its grid.")
         if images is None:
             raise ValueError("images are required when starting at block 0.")
         if steer is not None:
@@ -263,8 +288,8 @@ def steered_forward(
         x, grid = embed(model, images)
         num_prompts = 0
     else:
-        if hidden is None or grid is None:
-            raise ValueError("Starting past block 0 needs the hidden stream and its grid.")
+        if grid is None:
+            raise ValueError("Resuming from `hidden` needs its grid as well.")
         x = hidden
 
     out = SteeredOutput(

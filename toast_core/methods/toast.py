@@ -148,18 +148,17 @@ class ToastDecoder(nn.Module):
 
 
 class _TopDownSignal(Steer):
-    """The per-call touch point of pass 2: block l adds W_v·td_l (+ b_v in official form) to V.
+    """The per-call touch point of pass 2: block l adds ΔV_l = W_v·td_l (+ b_v in official form) to V.
 
     A fresh object per forward keeps the module free of per-image state, so one TOAST module can
     serve several threads (a training run and a page view) at once.
     """
 
-    def __init__(self, td: Mapping[int, Tensor], add_bias: bool) -> None:
-        self.td = td
-        self.value_signal_bias = add_bias
+    def __init__(self, deltas: Mapping[int, Tensor]) -> None:
+        self.deltas = deltas
 
-    def value_signal(self, layer: int) -> Tensor | None:
-        return self.td.get(layer)
+    def value_delta(self, layer: int) -> Tensor | None:
+        return self.deltas.get(layer)
 
 
 def _matrix(layer: nn.Module) -> Tensor:
@@ -210,7 +209,11 @@ class Toast(SteeringMethod):
             return "scratch"
         weights, card_path = PRETUNED_STEM.with_suffix(".safetensors"), PRETUNED_STEM.with_suffix(".json")
         card = json.loads(card_path.read_text()) if card_path.is_file() else None
-        fits = card is not None and weights.is_file() and card.get("backbone", {}).get("weights_hash") == self.backbone.weights_hash
+        fits = (
+            card is not None
+            and weights.is_file()
+            and card.get("backbone", {}).get("weights_hash") == self.backbone.weights_hash
+        )
         if not fits:
             if mode == "pretuned":
                 raise ValueError(
@@ -294,8 +297,22 @@ class Toast(SteeringMethod):
         operator's gradient is a matmul (z carries no gradient; m's is an elementwise product).
         Small inputs run the chain directly. Same values either way, up to float rounding.
         """
+        return self._signal(z, m, fold, into_values=False)[0]
+
+    def value_deltas(self, z: Tensor, m: Tensor, fold: bool | None = None) -> dict[int, Tensor]:
+        """What pass 2 adds to the values of each feedback block: ΔV_l = W_v,l·td_l (+ b_v,l in the
+        official form). Folded, W_v,l joins the operator (W_v,l T_l, one more d³ product), so the
+        whole signal is one matmul on the tokens, forward and backward, instead of that plus a
+        token-sized W_v product per block and its transpose in the backward."""
+        return self._signal(z, m, fold, into_values=True)[0]
+
+    def _signal(
+        self, z: Tensor, m: Tensor, fold: bool | None, into_values: bool
+    ) -> tuple[dict[int, Tensor], Tensor]:
+        """The per-block signal (td_l, or ΔV_l with `into_values`) and td's size (see `_rms`)."""
         d = z.shape[-1]
         blocks = list(self.feedback_blocks)
+        value_maps = [self._value_map(layer) for layer in blocks] if into_values else None
         if fold is None:
             fold = z.numel() // d > 2 * d
         if not fold:
@@ -303,7 +320,23 @@ class Toast(SteeringMethod):
             td: dict[int, Tensor] = {}
             for layer in reversed(blocks):
                 h, td[layer] = self.decoders[layer](h)
-            return td
+            with torch.no_grad():
+                sizes = torch.stack([td[l].pow(2).sum(dim=-1).mean(dim=1).sqrt() for l in blocks], dim=1)
+            if value_maps is not None:
+                td = {l: F.linear(td[l], w, b) for l, (w, b) in zip(blocks, value_maps)}
+            return td, self._per_block(sizes)
+        ops = self._operators(blocks)
+        sizes = self._rms(z, m, ops)
+        if value_maps is not None:
+            ops = [w @ op for op, (w, _) in zip(ops, value_maps)]
+        stacked = F.linear(z, torch.cat(ops, dim=0)).unflatten(-1, (len(blocks), d))  # (B, N, nb, d)
+        stacked = stacked * m[..., None, None]
+        if value_maps is not None and value_maps[0][1] is not None:
+            stacked = stacked + torch.stack([b for _, b in value_maps])  # b_v is not scaled by m
+        return dict(zip(blocks, stacked.unbind(dim=-2))), self._per_block(sizes)  # unbind: one stack backward
+
+    def _operators(self, blocks: list[int]) -> list[Tensor]:
+        """T_l = W2_l W1_l … W1_top Pᵀ for `blocks` (ascending), so that td_l = m·(T_l z)."""
         ops: list[Tensor] = []
         chain = self.P.t()  # column form of z̃ = (m·z) P
         for layer in reversed(blocks):
@@ -311,20 +344,42 @@ class Toast(SteeringMethod):
             chain = _matrix(dec.linear) @ chain
             ops.append(_matrix(dec.linear2) @ chain)
         ops.reverse()
-        stacked = F.linear(z, torch.cat(ops, dim=0)).unflatten(-1, (len(blocks), d))  # (B, N, nb, d)
-        stacked = stacked * m[..., None, None]
-        return dict(zip(blocks, stacked.unbind(dim=-2)))  # unbind: a single stack in the backward
+        return ops
+
+    def _value_map(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        """W_v of block `layer` and, in the official form, its b_v (the released code adds it twice)."""
+        qkv = self.vit.blocks[layer].attn.qkv
+        d = qkv.out_features // 3
+        bias = qkv.bias[2 * d :] if (self.config.official_compat and qkv.bias is not None) else None
+        return qkv.weight[2 * d :], bias
+
+    @staticmethod
+    def _rms(z: Tensor, m: Tensor, ops: list[Tensor]) -> Tensor:
+        """Root-mean-square over tokens of ‖td_l‖ (B, nb) without forming td, from moments:
+        mean_i m_i² z_iᵀ (T_lᵀ T_l) z_i = ⟨T_lᵀ T_l, S⟩ / N with S = Σ_i m_i² z_i z_iᵀ per image
+        (B·N·d² + nb·d³ flops instead of a token-sized matmul per block)."""
+        with torch.no_grad():
+            weighted = z * m.unsqueeze(-1)
+            moments = weighted.transpose(1, 2) @ weighted  # (B, d, d)
+            t = torch.stack(ops)
+            grams = t.transpose(1, 2) @ t  # (nb, d, d)
+            return (torch.einsum("lij,bij->bl", grams, moments) / z.shape[1]).clamp_min(0).sqrt()
+
+    def _per_block(self, sizes: Tensor) -> Tensor:
+        """(B, nb) over the feedback blocks → (B, L), zero for blocks that get no feedback."""
+        out = sizes.new_zeros(sizes.shape[0], self.layout.depth)
+        out[:, self.feedback_start : self.feedback_stop] = sizes
+        return out
 
     def pass1_capture(self, capture: Capture = NOTHING) -> Capture:
         """What pass 1 records: the caller's CLS rows (pass-1 vs pass-2 views), the stream entering
-        the late-feedback start block, and every capture of blocks that pass 2 does not run."""
+        the first feedback block (pass 2 starts there), and every capture of blocks pass 2 skips."""
         depth = self.layout.depth
         start = self.feedback_start if self.config.feedback_to else 0
         wanted = {name: set(resolve_layers(getattr(capture, name), depth)) for name in CAPTURE_FIELDS}
         fields = {name: {l for l in layers if l < start} for name, layers in wanted.items()}
         fields["cls_attn"] |= wanted["cls_attn"]
-        if start > 0:
-            fields["block_inputs"].add(start)
+        fields["block_inputs"].add(start)  # pass 2 resumes from it (a reference, no copy)
         return _capture(depth, **fields)
 
     def pass2_capture(self, capture: Capture = NOTHING) -> Capture:
@@ -339,7 +394,6 @@ class Toast(SteeringMethod):
 
     def forward(self, images: Tensor, capture: Capture = NOTHING) -> MethodOutput:
         vit = self.vit
-        depth = self.layout.depth
         late_start = self.feedback_start if self.config.feedback_to else 0
         # (1) pass 1: nothing before the selection is trainable, so no graph (unless the caller
         # wants gradients with respect to the input image, e.g. for saliency).
@@ -347,31 +401,24 @@ class Toast(SteeringMethod):
             first = steered_forward(
                 vit, images, capture=self.pass1_capture(capture), stop_block=self.feedback_stop
             )
-        # (2) selection and (3) feedback
+        # (2) selection and (3) feedback, sent straight into value space (ΔV_l = W_v,l td_l)
         m = self.select(first.tokens)
-        td = self.feedback(first.tokens, m)
-        # (4) pass 2, restarted from the pass-1 stream at the late-feedback start block
-        signal = _TopDownSignal(td, add_bias=self.config.official_compat)
-        cap2 = self.pass2_capture(capture)
+        deltas, td_norm = self._signal(first.tokens, m, None, into_values=True)
+        # (4) pass 2, restarted from the pass-1 stream entering the first feedback block: the
+        # embedding (and, in late feedback, every block below) would only recompute pass 1
+        second = steered_forward(
+            vit,
+            None,
+            steer=_TopDownSignal(deltas),
+            capture=self.pass2_capture(capture),
+            start_block=late_start,
+            hidden=first.block_inputs[late_start],
+            num_prompts=first.num_prompts,
+            grid=first.grid,
+        )
         if late_start > 0:
-            second = steered_forward(
-                vit,
-                None,
-                steer=signal,
-                capture=cap2,
-                start_block=late_start,
-                hidden=first.block_inputs[late_start],
-                num_prompts=first.num_prompts,
-                grid=first.grid,
-            )
             _merge_below(second, first, late_start)
-        else:
-            second = steered_forward(vit, images, steer=signal, capture=cap2)
         features = pool(vit, second)
-        with torch.no_grad():
-            td_norm = torch.zeros(images.shape[0], depth, device=features.device, dtype=features.dtype)
-            for layer, t in td.items():
-                td_norm[:, layer] = t.norm(dim=-1).mean(dim=1)
         extras: dict[str, Any] = {"pass1": first, "selection": m, "td_norm": td_norm}
         return MethodOutput(logits=self.head(features), features=features, out=second, extras=extras)
 
