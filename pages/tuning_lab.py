@@ -127,10 +127,10 @@ def new_run_form(backbone, manager) -> None:
     methods = S.tunable_methods()
     method = st.selectbox("Method", methods, index=methods.index("lora") if "lora" in methods else 0, key="tl_method")
     st.caption(S.describe_method(method))
-    blocked = S.needs_episode_prompts(method)
-    if blocked:
-        st.warning(f"{method} needs FORT's position prompts prepared on its support set before training, which "
-                   "background runs do not do yet: compare FT with FT + FORT on the Few-shot page instead.")
+    if S.needs_episode_prompts(method):
+        st.info(f"{method} first computes FORT's position prompts (gradient rollout) on every training image "
+                "of the run, its support set, then trains with them; the run panel says while it does. "
+                "A few-shot episode (K images per class) is the setting FORT was made for.")
     settings = method_settings(method)
     size = int(backbone.layout.img_size[0])
     data = task_settings(size)
@@ -143,13 +143,15 @@ def new_run_form(backbone, manager) -> None:
     cols[3].metric("Image size", f"{size} px", help="The backbone's input size; images are resized to it.")
     cols = st.columns(4)
     eval_every = cols[0].number_input("Evaluate every (steps, 0 = end)", 0, 100_000, 25, key="tl_eval")
-    snap_every = cols[1].number_input("Attention snapshot every", 0, 100_000, 10, key="tl_snap")
+    snap_every = cols[1].number_input("Attention snapshot every", 0, 100_000, 10, key="tl_snap",
+                                      help="Steps between snapshots of the probe image's attention; every run "
+                                           "also records one at its end (0 = only that one).")
     seed = cols[2].number_input("Seed", 0, 2**31 - 1, 0, key="tl_seed")
     devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     device = cols[3].selectbox("Device", devices, key="tl_device")
     name = st.text_input("Run name (optional)", key="tl_name")
 
-    if st.button("Submit run", type="primary", key="tl_submit", disabled=data is None or blocked):
+    if st.button("Submit run", type="primary", key="tl_submit", disabled=data is None):
         try:
             run_id = S.submit_run(
                 manager, method=method, method_config={**settings, "seed": int(seed)}, name=name.strip() or None,
@@ -184,14 +186,18 @@ def curves(status: RunStatus) -> go.Figure:
 
 
 def show_snapshot(status: RunStatus, size: int) -> None:
-    if status.snapshot is None:
-        every = (status.config or {}).get("snapshot_every", 0)
-        st.caption("No attention snapshot yet." if every else "This run takes no attention snapshots (every 0 steps).")
+    """The latest attention snapshot; a finished run's is its final module's."""
+    snap = S.run_snapshot(status, size)
+    if snap is None:
+        st.caption("No attention snapshot yet." if status.state in ACTIVE_STATES
+                   else "This run recorded no attention snapshot.")
         return
-    (m,) = normalise_maps([status.snapshot])
+    grid, step = snap
+    (m,) = normalise_maps([grid])
     probe = S.probe_image(status.config, size)
     tile = overlay(probe, m) if probe is not None else heatmap_image(m, (size, size))
-    st.image(tile, caption=f"Probe image, last-layer CLS attention at step {status.snapshot_step}", width=220)
+    final = " (final module)" if status.finished and step == status.step else ""
+    st.image(tile, caption=f"Probe image, last-layer CLS attention at step {step}{final}", width=220)
 
 
 def describe_state(status: RunStatus) -> None:
@@ -232,7 +238,8 @@ def run_panel(manager, size: int) -> None:
     status = manager.status(run_id)
     c1, c2 = st.columns([3, 1])
     c1.progress(min(1.0, status.progress), text=f"{status.state}: step {status.step} / {status.total}"
-                + ("" if status.eta_s is None else f" · ETA {status.eta_s:.0f} s"))
+                + ("" if status.eta_s is None else f" · ETA {status.eta_s:.0f} s")
+                + (f" · {status.phase}…" if status.phase and status.state == "running" else ""))
     if status.state in ACTIVE_STATES and c2.button("Cancel", key=f"tl_cancel_{run_id}"):
         manager.cancel(run_id)
         st.toast(f"Cancelling {status.name}…")

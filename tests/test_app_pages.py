@@ -65,9 +65,9 @@ def png_bytes(mode: str = "RGB", size: tuple[int, int] = (120, 80), dtype=np.uin
 
 
 def manager():
-    from toast_core import app_state as S
+    from toast_core.app_state import session
 
-    return S._cached_manager(str(S.runs_root()), S.spec_from_env().key)
+    return session._cached_manager(str(session.runs_root()), session.spec_from_env().key)
 
 
 def submit_tiny_run(at, method: str = "linear", **settings) -> str:
@@ -90,12 +90,31 @@ def submit_tiny_run(at, method: str = "linear", **settings) -> str:
 def test_home_shows_fixture_backbone_runs_and_presets() -> None:
     from toast_core import app_state as S
 
-    at = page("app.py").run()
+    at = page("lab.py").run()
     assert not at.exception
     assert any(S.FIXTURE_LABEL in w for w in texts(at.warning))
     assert any(S.FIXTURE_LABEL in m for m in texts(at.markdown))
     assert len([b for b in at.button if str(b.key).startswith("preset_")]) == len(S.PRESETS)
     assert any("No trained modules yet" in i for i in texts(at.info))
+
+
+def test_streamlit_run_app_py_serves_lab_py_with_the_backbone_warmed(monkeypatch) -> None:
+    """`streamlit run app.py` finds the st.App (ASGI mode) that serves lab.py; its warm-up fills the
+    very cache the pages read, so the first page loads no backbone itself."""
+    from streamlit.web.server.app_discovery import discover_asgi_app
+
+    from toast_core import app_state as S
+
+    found = discover_asgi_app(ROOT / "app.py")
+    assert found.is_asgi_app and found.app_name == "app"
+    assert 'SCRIPT = "lab.py"' in (ROOT / "app.py").read_text() and (ROOT / "lab.py").is_file()
+    S.warm_up()
+
+    def no_second_load(spec):
+        raise AssertionError(f"the page loaded {spec} again")
+
+    monkeypatch.setattr(S.session, "load_spec", no_second_load)
+    assert S.shared_backbone(S.spec_from_env()).source == "fixture"
 
 
 # --- explorer -----------------------------------------------------------------------------------
@@ -215,10 +234,43 @@ def test_tuning_lab_shows_a_failed_run_and_refuses_bad_settings() -> None:
     at.button(key="tl_submit").click().run()
     assert not at.exception
     assert any("not submitted" in e for e in texts(at.error)), texts(at.error)
-    # FORT needs episode prompts that background runs do not prepare: said, and not submittable
+
+
+def snapshot_captions(at) -> list[str]:
+    return [c for img in at.image for c in img.captions if "CLS attention" in c]
+
+
+def test_tuning_lab_runs_fort_and_always_shows_a_finished_runs_final_attention() -> None:
+    """FORT methods are submittable (prompts come from the run's training images); a done run shows
+    its final module's attention, also when its record lacks the snapshot (e.g. an imported bundle)."""
+    at = page("pages/tuning_lab.py").run()
     at.selectbox(key="tl_method").set_value("fort_lora").run()
-    assert any("position prompts" in w for w in texts(at.warning))
-    assert at.button(key="tl_submit").disabled
+    assert any("position prompts" in i for i in texts(at.info))
+    assert not at.button(key="tl_submit").disabled
+    run_id = submit_tiny_run(at, "fort_lora")
+    status = manager().wait(run_id, timeout=120)
+    assert status.state == "done", status.error
+    assert all(h["fort_attention"] > 0 for h in status.history)
+    at.run()
+    assert not at.exception
+    assert any("Done: 3 steps" in s for s in texts(at.success))
+    assert snapshot_captions(at) == ["Probe image, last-layer CLS attention at step 3 (final module)"]
+
+    # a record without its snapshot (bundles carry none): the page computes it from the saved module
+    folder = manager().run_dir(run_id)
+    (folder / "snapshot.npy").unlink()
+    (folder / "status.json").write_text((folder / "status.json").read_text())  # a new mtime: re-read
+    manager().rescan()
+    assert manager().status(run_id).snapshot is None
+    at.run()
+    assert not at.exception
+    assert snapshot_captions(at) == ["Probe image, last-layer CLS attention at step 3 (final module)"]
+    assert not any("No attention snapshot" in c for c in texts(at.caption))
+    from toast_core import app_state as S
+
+    grid, step = S.run_snapshot(manager().status(run_id), 96)
+    assert step == 3
+    np.testing.assert_allclose(grid, status.snapshot, atol=1e-6)  # the same map the run recorded
 
 
 def test_tuning_lab_zip_upload_checks(tmp_path: Path) -> None:

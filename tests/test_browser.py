@@ -61,6 +61,14 @@ def shot(page, name: str) -> Path:
 
 def test_upload_compare_tune_and_see_the_new_module(browser_page) -> None:
     page, server = browser_page
+    # a first visitor who opens a page URL on a fresh server gets the app's navigation, not the
+    # pages/ folder's file names (Streamlit's old-style page folder)
+    page.goto(f"{server.url}/explorer")
+    wait_text(page, compared(1, "stars/test/0"), SLOW)
+    nav = page.locator("[data-testid='stSidebarNav']")
+    assert nav.get_by_text("Attention Explorer", exact=True).count() == 1
+    assert nav.get_by_text("explorer", exact=True).count() == 0
+
     page.goto(server.url)
     page.get_by_role("heading", name="Attention Steering Lab").wait_for()
     if BACKBONE == "fixture":  # the label renders after the heading: wait for it rather than race it
@@ -88,6 +96,7 @@ def test_upload_compare_tune_and_see_the_new_module(browser_page) -> None:
     page.get_by_role("button", name="Submit run").click()
     wait_text(page, "Submitted run", SLOW)
     wait_text(page, re.compile(r"Done: 4 steps"), SLOW)
+    wait_text(page, "attention at step 4 (final module)", SLOW)  # the finished run's own snapshot
     shot(page, "tuning_lab_done")
 
     # the finished module is offered everywhere: the Explorer now compares two modules

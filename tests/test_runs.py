@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 import toast_core.runs as runs
+from toast_core.methods import build_method
+from toast_core.methods.fort import FortMixin
 from toast_core.runs import RunConfig, RunError, RunManager, parse_task
-from toast_core.train import TrainConfig, evaluate, lr_at
+from toast_core.train import TrainConfig, cls_attention_grid, evaluate, lr_at, train
 
 WAIT_S = 60.0
 
@@ -150,6 +152,7 @@ def test_cancel_stops_within_one_step_and_leaves_a_consistent_record(manager):
     assert status["state"] == "cancelled" and status["step"] == final.step == len(history)
     card = json.loads((manager.run_dir(run_id) / "checkpoint_last.json").read_text())
     assert card["extra"]["steps_done"] == final.step
+    assert final.snapshot is not None and final.snapshot_step == final.step  # the module it stopped with
     assert not manager.cancel(run_id)  # already finished
 
 
@@ -167,6 +170,90 @@ def test_cancel_of_a_queued_run_never_starts_it(tmp_path, fixture_backbone):
     assert mgr.wait(first, WAIT_S).state == "cancelled"
     assert mgr.status(second).started is None and mgr.status(second).history == []
     mgr.shutdown()
+
+
+# --- what a finished run shows, and FORT from the queue --------------------------------------------
+def _probe(mgr: RunManager, run_id: str) -> torch.Tensor:
+    config = mgr.get_config(run_id)
+    train_set, val_set = runs.load_task_data(config, 32)
+    return (val_set if val_set is not None else train_set).images[config.probe_index]
+
+
+def test_a_finished_run_always_ends_with_its_final_modules_snapshot(manager):
+    """The cadence need not land on the last step (3 steps, every 2) and may be 0 (only the final one):
+    either way the record ends with the probe's attention under the saved module, on disk as well."""
+    ids = [
+        manager.submit(cfg(method="lora", train=dict(steps=3, batch_size=4, lr=5e-2), snapshot_every=every))
+        for every in (2, 0)
+    ]
+    for run_id in ids:
+        s = manager.wait(run_id, WAIT_S)
+        assert s.state == "done", s.error
+        assert s.snapshot is not None and s.snapshot_step == s.step == 3
+        final = cls_attention_grid(manager.load_run_module(run_id), _probe(manager, run_id)[None])[0]
+        np.testing.assert_allclose(s.snapshot, final, atol=1e-6)
+        on_disk = np.load(manager.run_dir(run_id) / "snapshot.npy", allow_pickle=False)
+        np.testing.assert_array_equal(on_disk, s.snapshot)
+        assert _disk(manager, run_id)[0]["snapshot_step"] == 3
+        assert RunManager(manager.root).status(run_id).snapshot_step == 3  # what a restarted app reads
+
+
+def test_fort_methods_run_from_the_queue_with_prompts_from_their_training_images(
+    manager, fixture_backbone, monkeypatch
+):
+    phases: list[tuple[str | None, str | None]] = []
+    real_prepare = FortMixin.prepare_prompts
+
+    def spy(self, *args, **kwargs):  # what the app sees while the worker prepares the prompts
+        (live,) = [s for s in manager.list(history=False) if s.state == "running"]
+        phases.append((live.phase, _disk(manager, live.run_id)[0]["phase"]))
+        return real_prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(FortMixin, "prepare_prompts", spy)
+    small = dict(steps=3, batch_size=4, lr=1e-3)
+    ids = {m: manager.submit(cfg(method=m, train=small)) for m in ("fort_full", "fort_lora", "fort_bitfit")}
+    for method, run_id in ids.items():
+        s = manager.wait(run_id, WAIT_S)
+        assert s.state == "done", s.error
+        assert len(s.history) == 3 and all(h["fort_attention"] > 0 for h in s.history), method
+        assert s.timings["fort_prompts_s"] > 0 and s.phase is None and _disk(manager, run_id)[0]["phase"] is None
+    message = "preparing FORT position prompts on 8 training images"
+    assert phases == [(message, message)] * 3
+    # the same numbers as preparing the prompts by hand on the training set, then training
+    config = manager.get_config(ids["fort_lora"])
+    train_set, val_set = runs.load_task_data(config, 32)
+    method = build_method("fort_lora", fixture_backbone, train_set.num_classes, config.method_config)
+    real_prepare(method, train_set)
+    expected = train(method, train_set, val_set, TrainConfig(**small, seed=config.seed, num_threads=1))
+    got = manager.status(ids["fort_lora"]).history
+    assert [h["fort_attention"] for h in got] == pytest.approx([h["fort_attention"] for h in expected.history])
+    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in expected.history])
+
+
+def test_a_resumed_fort_run_trains_with_the_prompts_it_started_with(manager, monkeypatch):
+    prompts: list[torch.Tensor] = []
+    real_prepare, real_step = RunManager._prepare_fort, runs._Listener.on_step
+
+    def keep_prompts(self, rec, method, *args):
+        out = real_prepare(self, rec, method, *args)
+        prompts.append(method.prompt_targets.clone())
+        return out
+
+    def cancel_at_step_4(self, step, total, metrics):  # a stop mid-run, at a known step
+        real_step(self, step, total, metrics)
+        if self.offset == 0 and step == 4:
+            self.manager.cancel(self.record.status.run_id)
+
+    monkeypatch.setattr(RunManager, "_prepare_fort", keep_prompts)
+    monkeypatch.setattr(runs._Listener, "on_step", cancel_at_step_4)
+    run_id = manager.submit(cfg(method="fort_bitfit", train=dict(steps=8, batch_size=4, lr=5e-2)))
+    stopped = manager.wait(run_id, WAIT_S)
+    assert stopped.state == "cancelled" and stopped.step == 4, stopped.error
+    manager.resume(run_id)
+    final = manager.wait(run_id, WAIT_S)
+    assert final.state == "done" and final.resumed_from == 4 and final.step == 8, final.error
+    assert [h["step"] for h in final.history] == list(range(1, 9))
+    assert len(prompts) == 2 and torch.equal(prompts[0], prompts[1])  # not re-derived from the tuned module
 
 
 # --- failures -------------------------------------------------------------------------------------

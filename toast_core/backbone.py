@@ -207,7 +207,8 @@ def load_embedded(
             "`python -m toast_core.pretrain`."
         )
     card = json.loads(card_path.read_text())
-    model = build_vit(card["config"])
+    # no timm init: the strict load below overwrites every tensor (that init is most of the build time)
+    model = build_vit({**card["config"], "weight_init": "skip"})
     state = _read_state_dict(weights_path)
     _load_checked(model, state, label=f"embedded backbone {weights_path.name}")
     names = tuple(card.get("class_names", ()))

@@ -9,9 +9,13 @@ Layout of one run on disk (every file written through a temp file + os.replace, 
     config.json         the RunConfig
     status.json         state, progress, final metrics, timings, memory, error + traceback
     history.json        one entry per optimisation step (loss, lr, train_acc, val_* at evals)
-    snapshot.npy        latest CLS-attention grid of the fixed probe image (np.save, no pickle)
+    snapshot.npy        latest CLS-attention grid of the fixed probe image (np.save, no pickle);
+                        a finished run always ends with the one of its final module
     module.*            the final steering module (checkpoints.save_module) once the run is done
     checkpoint_last.*   the module every `checkpoint_every` steps and at cancel, for `resume`
+
+FORT methods (`methods.fort.FortMixin`) get their position prompts from the run's training images in
+the worker, before training (`phase` says so meanwhile), as the few-shot protocol does on a support set.
 
 Resuming continues from `checkpoint_last` with the remaining steps. The optimiser state (AdamW
 moments, SGD momentum) is not saved, so it restarts; the learning rate continues from where the
@@ -59,7 +63,8 @@ from toast_core.checkpoints import (
 from toast_core.data.base import LabeledImages
 from toast_core.methods import UnknownMethod, build_method, config_for, method_names
 from toast_core.methods.base import SteeringMethod
-from toast_core.train import TrainConfig, TrainResult, lr_at, train
+from toast_core.methods.fort import FortMixin
+from toast_core.train import TrainConfig, TrainResult, cls_attention_grid, lr_at, train
 
 FORMAT = "toast-run"
 FORMAT_VERSION = 1
@@ -199,7 +204,8 @@ class RunConfig:
     `seed` seeds the method's initialisation and the training loop; `data_seed` picks the images,
     so runs of different methods on one task see the same data. `probe_index` is the validation
     image (training image when there is no validation set) whose attention is snapshotted every
-    `snapshot_every` steps; `checkpoint_every` saves the module for `resume` (0 = never).
+    `snapshot_every` steps (0 = only the final one) and always once more at the end of the run;
+    `checkpoint_every` saves the module for `resume` (0 = never).
     For episode tasks the episode fixes the data sizes and `per_class` / `val_per_class` are unused.
     """
 
@@ -402,6 +408,9 @@ class RunStatus:
     backbone: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     note: str | None = None
+    #: what a running run is doing besides its steps ("loading data", "preparing FORT position
+    #: prompts on N training images"); None when it is just training or not running
+    phase: str | None = None
     #: the process and manager that runs it (host, pid, process start, manager token)
     owner: dict[str, Any] = field(default_factory=dict)
 
@@ -977,6 +986,7 @@ class RunManager:
         config = rec.config
         assert config is not None
         backbone = self._backbone_for(device)
+        self._set_phase(rec, "loading data")
         train_set, val_set = load_task_data(config, int(backbone.layout.img_size[0]))
         probe_pool = val_set if val_set is not None and len(val_set) else train_set
         if config.probe_index >= len(probe_pool):
@@ -996,19 +1006,84 @@ class RunManager:
             snapshot_every=config.snapshot_every,
             num_threads=self.cpu_threads if device == "cpu" else None,
         )
+        prompts_s = self._prepare_fort(rec, method, backbone, train_set, offset, base.num_threads)
         train_config = _resume_train_config(base, offset)
         listener = _Listener(self, rec, method, offset, len(train_set))
+        self._set_phase(rec, None)
+        probe = probe_pool.images[config.probe_index]
         result = train(
             method,
             train_set,
             val_set,
             train_config,
             callbacks=listener,
-            probe_image=probe_pool.images[config.probe_index],
+            probe_image=probe,
             cancel=rec.cancel_event,
         )
+        self._final_snapshot(rec, method, probe, result, listener)
+        if prompts_s is not None:
+            result.timings["fort_prompts_s"] = prompts_s
         result.history = [dict(_clean(h), step=offset + int(h["step"])) for h in result.history]
         return result, method, list(train_set.class_names)
+
+    def _set_phase(self, rec: _Record, phase: str | None) -> None:
+        with self._lock:
+            changed = rec.status.phase != phase
+            rec.status.phase, rec.status.updated = phase, _now()
+        if changed:
+            self._persist(rec, force=True)
+
+    def _prepare_fort(
+        self,
+        rec: _Record,
+        method: SteeringMethod,
+        backbone: Backbone,
+        train_set: LabeledImages,
+        offset: int,
+        threads: int | None,
+    ) -> float | None:
+        """FORT's position prompts from the run's training images (its support set), before training.
+
+        Always computed on the run's starting module (a fresh build under the run's seed), so a
+        resumed run trains with exactly the prompts it started with. Returns the seconds it took,
+        or None for methods without prompts (and FORT with fort_alpha = 0, which is its base method).
+        """
+        if not isinstance(method, FortMixin) or not method.fort_active or rec.cancel_event.is_set():
+            return None  # a run cancelled meanwhile trains no step, so it needs no prompts
+        config = rec.config
+        assert config is not None
+        self._set_phase(rec, f"preparing FORT position prompts on {len(train_set)} training images")
+        t0 = time.perf_counter()
+        old_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            if offset > 0:  # resumed: the checkpoint is not the starting module
+                start = build_method(config.method, backbone, train_set.num_classes, config.method_config)
+                assert isinstance(start, FortMixin)
+                start.prepare_prompts(train_set)
+                assert start.prompt_inputs is not None and start.prompt_targets is not None
+                method.set_prompts(start.prompt_inputs, start.prompt_targets, start.prompt_importance)
+            else:
+                method.prepare_prompts(train_set)
+        finally:
+            if threads:
+                torch.set_num_threads(old_threads)
+        return time.perf_counter() - t0
+
+    def _final_snapshot(
+        self, rec: _Record, method: SteeringMethod, probe: torch.Tensor, result: TrainResult, listener: _Listener
+    ) -> None:
+        """The probe image's attention under the final module, unless the cadence already took it
+        (steps not a multiple of snapshot_every, snapshot_every = 0): what a finished run shows."""
+        if result.steps_done == 0 and rec.status.snapshot is not None:
+            return  # nothing trained in this segment: the snapshot on record is still the module's
+        with self._lock:
+            last = rec.status.snapshot_step if rec.status.snapshot is not None else None
+        if last == listener.offset + result.steps_done:
+            return
+        grid = cls_attention_grid(method, probe.unsqueeze(0))[0]
+        listener.on_snapshot(result.steps_done, grid)
 
     def _starting_module(
         self, rec: _Record, backbone: Backbone, num_classes: int
@@ -1067,6 +1142,7 @@ class RunManager:
             s.final, s.timings, s.memory = _clean(result.final), _clean(result.timings), _clean(result.memory)
             s.peak_mb, s.amp = s.memory.get("peak_mb"), result.amp
             s.state = "cancelled" if result.cancelled else "done"
+            s.phase = None
             s.checkpoint = None if card is None else str(card.relative_to(self.root))
             if card is not None:
                 s.checkpoint_last_step = None
@@ -1081,6 +1157,7 @@ class RunManager:
         with self._cond:
             s = rec.status
             s.state, s.error, s.error_kind = "failed", message, kind
+            s.phase = None
             s.traceback = traceback.format_exc()
             s.ended = s.updated = _now()
             s.eta_s = None
@@ -1208,7 +1285,7 @@ class RunManager:
             if self._running_elsewhere(s.run_id, s.owner):
                 rec.external = True
             else:
-                s.state, s.eta_s, interrupted = "interrupted", None, True
+                s.state, s.eta_s, s.phase, interrupted = "interrupted", None, None, True
                 s.note = "interrupted: the app stopped while this run was queued or running"
         with self._lock:
             if s.run_id in self._records:
@@ -1304,7 +1381,7 @@ class RunManager:
             rec.external = False
             if active:
                 s = rec.status
-                s.state, s.eta_s = "interrupted", None
+                s.state, s.eta_s, s.phase = "interrupted", None, None
                 s.note = "interrupted: the process running it stopped"
         if active:
             self._persist(rec, force=True)

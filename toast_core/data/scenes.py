@@ -84,10 +84,15 @@ class Scene:
 
 # --- assets built once per process ---------------------------------------------------------------
 def _font_path() -> str | None:
+    """matplotlib's DejaVu Sans Bold, found without importing matplotlib (that import costs the app's
+    cold start most of a second; `matplotlib.get_data_path()` is this same `mpl-data` folder)."""
     try:
-        import matplotlib
+        import importlib.util
 
-        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"
+        spec = importlib.util.find_spec("matplotlib")
+        if spec is None or spec.origin is None:
+            return None
+        path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"
         return str(path) if path.is_file() else None
     except Exception:
         return None

@@ -1,0 +1,71 @@
+"""The Benchmark page's rows: accuracy, trainable share, step time and attention focus per run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from toast_core.attention import ViewUnavailable, compute_view, focus_metrics
+from toast_core.backbone import Backbone
+from toast_core.checkpoints import CheckpointError
+from toast_core.runs import RunError, RunManager
+
+from .explorer import model_input, scene_image
+from .session import _cached_backbone, _cached_run_module, active_spec, runs_root
+from .tuning import module_card
+
+FOCUS_IMAGES = 16  # built-in test images per run for the benchmark's focus column
+
+
+@st.cache_data(show_spinner="Measuring focus on built-in test scenes…", max_entries=256)
+def run_focus(backbone_key: tuple[str, str, str], run_id: str, stamp: float, task: str) -> float | None:
+    """Mean focus ratio (last-layer CLS attention on the deciding object / its area share) over
+    FOCUS_IMAGES built-in test scenes; None for tasks without masks."""
+    from toast_core.data.scenes import TASKS
+
+    base_task = task.rsplit(":", 1)[-1] if task.startswith("episode:") else task
+    if base_task not in TASKS:
+        return None
+    backbone = _cached_backbone(backbone_key)
+    method = _cached_run_module(str(runs_root()), backbone_key, run_id, stamp)
+    size = int(backbone.layout.img_size[0])
+    ratios = []
+    for i in range(FOCUS_IMAGES):
+        img = scene_image(base_task, "test", i, size)
+        v = compute_view("cls", method, model_input(backbone, img), layer=-1, head="mean")
+        ratios.append(float(focus_metrics(v, img.mask, img.size)["focus_ratio"][0]))
+    return float(np.nanmean(ratios))
+
+
+def benchmark_rows(manager: RunManager, backbone: Backbone, with_focus: bool = True) -> list[dict[str, Any]]:
+    """One row per run: method, task, state, accuracy, trainable %, step time, focus."""
+    rows = []
+    for r in manager.list(history=False):
+        card = module_card(manager, r.run_id) if r.state == "done" else None
+        share = (card or {}).get("describe", {}).get("trainable_share")
+        own = r.backbone.get("weights_hash") == backbone.weights_hash
+        focus = None
+        if with_focus and own and r.state == "done" and r.checkpoint:
+            try:
+                focus = run_focus(active_spec().key, r.run_id, float(r.ended or 0), r.task)
+            except (RunError, CheckpointError, ViewUnavailable):
+                focus = None
+        rows.append({
+            "run": r.name,
+            "run_id": r.run_id,
+            "method": r.method,
+            "task": r.task,
+            "state": r.state,
+            "val acc": r.final.get("val_acc"),
+            "train acc": r.final.get("train_acc"),
+            "trainable %": None if share is None else 100.0 * float(share),
+            "ms / image (train)": r.timings.get("train_ms_per_img"),
+            "focus ratio": focus,
+            "steps": r.step,
+            "device": r.device,
+            "backbone": r.backbone.get("name", ""),
+            "this backbone": own,
+        })
+    return rows
