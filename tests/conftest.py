@@ -13,6 +13,15 @@ from toast_core.backbone import Backbone, tiny_fixture_backbone
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Every test module starts on one thread, whatever an earlier module set (the slow ones use 2)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seeds() -> None:
     """Every test starts from the same random state, so failures reproduce."""

@@ -24,15 +24,6 @@ from toast_core.methods import build_method
 CLASSES = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, and far faster on a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture
 def lora(fixture_backbone):
     """A LoRA module with non-zero updates, so a failed load would show in the logits."""

@@ -31,14 +31,6 @@ from toast_core.methods.fort import position_importance
 from toast_core.train import TrainConfig, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def episode():
     return sample_episode(bench.smoke_task(3, n_classes=4, per_class=5), 3, 2, 2, (0, 1))

@@ -37,14 +37,6 @@ from toast_core.methods.fort import (
 from toast_core.train import TrainConfig, prepare_batch, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def squares(n_classes: int = 3, per_class: int = 4, size: int = 32, seed: int = 0) -> LabeledImages:
     """Grey noise with one coloured square (the label) at a random place; masks = the square."""
     g = torch.Generator().manual_seed(seed)

@@ -58,15 +58,6 @@ def squares(per_class: int = 12, size: int = 32, seed: int = 0) -> LabeledImages
     return LabeledImages(images, labels, ["red", "green", "blue"], masks)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, and far faster on a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def backbone(fixture_backbone):
     """The shared tiny random-init ViT from conftest (d=32, depth 2, 2 heads, 32 px, patch 8)."""

@@ -27,15 +27,6 @@ from toast_core.train import (
 CLASSES = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, and far faster on a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def squares(per_class: int = 8, size: int = 32, seed: int = 0) -> LabeledImages:
     """Grey noise with one red / green / blue square at a random place; the colour is the label."""
     g = torch.Generator().manual_seed(seed)
