@@ -1,17 +1,22 @@
-"""Attention Steering Lab: run with `streamlit run app.py` (serves lab.py: navigation and the pages).
+"""Attention Steering Lab: `streamlit run app.py`. This file is both the server's entry and the home page.
 
-Why an `st.App` and not the script itself: the first page a person opens needs torch, timm and the
-frozen backbone, about five seconds of CPU before anything can be compared. A plain script starts that
-work only when the browser has loaded the page and opened its session; here the server starts it in a
-background thread as soon as it is up (`app_state.warm_up`), so it overlaps with the browser loading
-the page. The first script run then finds the backbone in the shared `st.cache_resource` cache, or
-waits for the load in progress (the cache computes each key once). Nothing is skipped or faked: the
-same load, just begun earlier. `streamlit run app.py` detects the `app` below and serves it.
+Two roles, told apart by `__name__`:
+- `streamlit run app.py` finds the `st.App` below (Streamlit reads the file's syntax tree) and the server
+  imports this file as the module `app`. Its lifespan starts `app_state.warm_up` in a background thread
+  as soon as the server is up: the first page needs torch, timm and the frozen backbone, about five
+  seconds of CPU, and a plain script would begin that only once the browser has loaded the page and
+  opened its session. The first script run then finds the backbone in the shared `st.cache_resource`
+  cache, or waits for the load in progress (the cache computes each key once). Same load, begun earlier.
+- Streamlit's script runner executes this same file as `__main__` on every rerun: it declares the
+  pages with `st.navigation` and draws the home page.
 
-lab.py declares the pages with `st.navigation`. Streamlit also treats a `pages/` folder next to the
-main script as an old-style page folder until some session has called `st.navigation`, so a first
-visitor who opens a page URL (/explorer) got that page alone, without the app's navigation and wide
-layout. The flag below says at start-up what lab.py would say on its first run.
+Streamlit also treats a `pages/` folder next to the main script as an old-style page folder until some
+session has called `st.navigation`, so a first visitor who opened a page URL (/explorer) got that page
+alone, without the navigation and wide layout; the `PagesManager` flag says at start-up what
+`main()` says on its first run. Heavy imports stay inside functions so the server starts at once.
+Every page reads the shared backbone and run registry from `toast_core.app_state`;
+`TOAST_LAB_BACKBONE=fixture` swaps in a tiny random-weight ViT for tests, `TOAST_LAB_RUNS_DIR` points
+the registry elsewhere.
 """
 
 from __future__ import annotations
@@ -24,8 +29,84 @@ from typing import Any
 import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
-SCRIPT = "lab.py"
-PagesManager.uses_pages_directory = False  # pages come from st.navigation in lab.py, never the folder
+PagesManager.uses_pages_directory = False  # pages come from st.navigation in main(), never the folder
+
+PAGES_DIR = "pages"
+
+
+def home() -> None:
+    """What the lab is, which backbone is loaded, which runs exist, and lecture shortcuts."""
+    from toast_core import app_state as S
+
+    st.title("Attention Steering Lab")
+    st.write(
+        "Where does a tuned Vision Transformer look, and why did a transfer method work? One frozen "
+        "pretrained backbone, small steering modules (linear probe, BitFit, LoRA, VPT, pixel prompts, "
+        "TOAST, FORT, attention transfer), and their attention maps side by side."
+    )
+    backbone = S.require_backbone()
+
+    st.subheader("Loaded backbone")
+    facts = S.backbone_facts(backbone)
+    st.markdown(f"**{facts['Backbone']}**")
+    cols = st.columns(4)
+    for col, key in zip(cols, ("Parameters", "Input / patch", "Blocks × heads", "Device")):
+        col.metric(key, facts[key])
+    st.caption(f"Weights hash {facts['Weights hash']} · change the backbone on the Backbones page.")
+    quality = backbone.card.get("quality", {})
+    if quality:
+        with st.expander("Measured quality (from the backbone card)"):
+            st.json(quality)
+    with st.expander("Backbone card"):
+        st.json(backbone.card)
+
+    st.subheader("Runs")
+    manager = S.run_manager()
+    runs = manager.list(history=False)
+    done = S.finished_runs(manager, backbone)
+    active = [r for r in runs if r.state in ("queued", "running")]
+    cols = st.columns(3)
+    cols[0].metric("Finished modules on this backbone", len(done))
+    cols[1].metric("Queued or running", len(active))
+    cols[2].metric("All runs in the registry", len(runs))
+    if done:
+        st.dataframe(
+            [
+                {"run": r.name, "method": r.method, "task": r.task, "val acc": r.final.get("val_acc"),
+                 "steps": r.step}
+                for r in done[:10]
+            ],
+            hide_index=True,
+            width="stretch",
+        )
+    else:
+        st.info("No trained modules yet: start one in the Tuning Lab (a few hundred steps take minutes on a CPU).")
+    st.caption(f"Registry: `{S.runs_root()}`")
+
+    st.subheader("Lecture presets")
+    st.write("Built-in scenes with fixed indices that show each method's effect; each opens the Explorer.")
+    cols = st.columns(len(S.PRESETS))
+    for col, p in zip(cols, S.PRESETS):
+        with col, st.container(border=True, height=250):
+            st.markdown(f"**{p.title}**")
+            st.caption(f"{p.task} · {p.split} #{p.index} — {p.note}")
+            if st.button("Open", key=f"preset_{p.key}", width="stretch"):
+                st.session_state["explorer_preset"] = p.key
+                st.switch_page(f"{PAGES_DIR}/explorer.py")
+
+
+def main() -> None:
+    st.set_page_config(page_title="Attention Steering Lab", page_icon=":material/visibility:", layout="wide")
+    pages = [
+        st.Page(home, title="Home", icon=":material/home:", default=True),
+        st.Page(f"{PAGES_DIR}/explorer.py", title="Attention Explorer", icon=":material/image_search:"),
+        st.Page(f"{PAGES_DIR}/tuning_lab.py", title="Tuning Lab", icon=":material/tune:"),
+        st.Page(f"{PAGES_DIR}/fewshot.py", title="Few-shot (FORT)", icon=":material/target:"),
+        st.Page(f"{PAGES_DIR}/benchmark.py", title="Benchmark", icon=":material/leaderboard:"),
+        st.Page(f"{PAGES_DIR}/backbones.py", title="Backbones", icon=":material/memory:"),
+    ]
+    st.navigation(pages).run()
+
 
 
 @asynccontextmanager
@@ -41,4 +122,7 @@ async def lifespan(_app: Any) -> AsyncIterator[None]:
     yield
 
 
-app = st.App(SCRIPT, lifespan=lifespan)
+if __name__ == "__main__":  # Streamlit's script runner (and AppTest): draw the app
+    main()
+else:  # imported by the server that `streamlit run app.py` starts: serve this file
+    app = st.App(__file__, lifespan=lifespan)

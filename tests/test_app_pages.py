@@ -6,6 +6,7 @@ see: no exception, the comparison or the run, and a clear message (never a trace
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import zipfile
@@ -90,7 +91,7 @@ def submit_tiny_run(at, method: str = "linear", **settings) -> str:
 def test_home_shows_fixture_backbone_runs_and_presets() -> None:
     from toast_core import app_state as S
 
-    at = page("lab.py").run()
+    at = page("app.py").run()
     assert not at.exception
     assert any(S.FIXTURE_LABEL in w for w in texts(at.warning))
     assert any(S.FIXTURE_LABEL in m for m in texts(at.markdown))
@@ -98,16 +99,20 @@ def test_home_shows_fixture_backbone_runs_and_presets() -> None:
     assert any("No trained modules yet" in i for i in texts(at.info))
 
 
-def test_streamlit_run_app_py_serves_lab_py_with_the_backbone_warmed(monkeypatch) -> None:
-    """`streamlit run app.py` finds the st.App (ASGI mode) that serves lab.py; its warm-up fills the
-    very cache the pages read, so the first page loads no backbone itself."""
+def test_streamlit_run_app_py_serves_itself_with_the_backbone_warmed(monkeypatch) -> None:
+    """`streamlit run app.py` finds the st.App (ASGI mode) that serves app.py itself; its warm-up fills
+    the very cache the pages read, so the first page loads no backbone itself."""
     from streamlit.web.server.app_discovery import discover_asgi_app
 
     from toast_core import app_state as S
 
     found = discover_asgi_app(ROOT / "app.py")
     assert found.is_asgi_app and found.app_name == "app"
-    assert 'SCRIPT = "lab.py"' in (ROOT / "app.py").read_text() and (ROOT / "lab.py").is_file()
+    assert found.import_string == "app:app"
+    spec = importlib.util.spec_from_file_location("app", ROOT / "app.py")  # what the server does:
+    served = importlib.util.module_from_spec(spec)  # a module import named `app`, not a script run
+    spec.loader.exec_module(served)
+    assert Path(served.app._script_path).resolve() == (ROOT / "app.py").resolve()
     S.warm_up()
 
     def no_second_load(spec):
