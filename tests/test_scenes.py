@@ -54,6 +54,26 @@ def test_source_scene_is_a_pure_function_of_seed_split_index() -> None:
         assert other.image.tobytes() != a.image.tobytes()
 
 
+# The pixels each data version stands for. The embedded backbone's card names the version it was
+# trained on, so a generator change that moves any pixel (a speed-up included) must bump
+# DATA_VERSION and retrain; a change that keeps this hash is free. Library versions are pinned.
+PIXEL_HASHES = {"scenes-v3": "2653df75b93f8c8bfe8f9ba533923148ba63233e32025d32f28d39725e4ddf3f"}
+
+
+def test_pixels_are_those_of_the_data_version() -> None:
+    import hashlib
+
+    h = hashlib.sha256()
+    for size in (96, 48):
+        for part in scenes.source_batch_dense(0, "train", 0, 64, size):
+            h.update(part.numpy().tobytes())
+    for task in scenes.TASKS:
+        split = scenes.make_task_split(task, "val", 4)
+        h.update(split.images.numpy().tobytes())
+        h.update(split.masks.numpy().tobytes())
+    assert h.hexdigest() == PIXEL_HASHES[scenes.DATA_VERSION]
+
+
 def test_source_batch_slices_are_reproducible() -> None:
     images, targets, masks = scenes.source_batch(3, "train", 0, 5)
     part = scenes.source_batch(3, "train", 3, 2)

@@ -146,15 +146,37 @@ def _texture_bank() -> np.ndarray:
 
 
 # --- geometry --------------------------------------------------------------------------------------
-def _regular(n: int, r: float, phase: float = -math.pi / 2) -> np.ndarray:
+# Outlines are unit shapes scaled per object; the unit parts are cached (read-only), and the scaling
+# does the very float ops the uncached formulas did, so the pixels stay those of DATA_VERSION.
+@cache
+def _directions(n: int, phase: float) -> tuple[np.ndarray, np.ndarray]:
     a = phase + np.arange(n) * 2 * math.pi / n
-    return np.stack([r * np.cos(a), r * np.sin(a)], axis=1)
+    return np.cos(a), np.sin(a)
+
+
+@cache
+def _star_directions(points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    a = -math.pi / 2 + np.arange(2 * points) * math.pi / points
+    return np.cos(a), np.sin(a), np.arange(2 * points) % 2 == 0
+
+
+@cache
+def _unit_heart() -> np.ndarray:
+    t = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    return np.stack([x, y + 2], axis=1)
+
+
+def _regular(n: int, r: float, phase: float = -math.pi / 2) -> np.ndarray:
+    cos, sin = _directions(n, phase)
+    return np.stack([r * cos, r * sin], axis=1)
 
 
 def _star(points: int, ratio: float, r: float) -> np.ndarray:
-    a = -math.pi / 2 + np.arange(2 * points) * math.pi / points
-    radii = np.where(np.arange(2 * points) % 2 == 0, r, r * ratio)
-    return np.stack([radii * np.cos(a), radii * np.sin(a)], axis=1)
+    cos, sin, outer = _star_directions(points)
+    radii = np.where(outer, r, r * ratio)
+    return np.stack([radii * cos, radii * sin], axis=1)
 
 
 def _polygon(kind: str, r: float) -> list[np.ndarray]:
@@ -164,10 +186,7 @@ def _polygon(kind: str, r: float) -> list[np.ndarray]:
     if kind == "triangle":
         return [_regular(3, r * 1.1) + np.array([0.0, r * 0.15])]
     if kind == "heart":
-        t = np.linspace(0, 2 * math.pi, 40, endpoint=False)
-        x = 16 * np.sin(t) ** 3
-        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-        return [np.stack([x, y + 2], axis=1) * (r / 17)]
+        return [_unit_heart() * (r / 17)]
     if kind == "bar":
         return [np.array([[-r, -0.3 * r], [r, -0.3 * r], [r, 0.3 * r], [-r, 0.3 * r]])]
     if kind == "cross":
@@ -246,8 +265,9 @@ def _texture_crop(rng: np.random.Generator, size: int) -> np.ndarray:
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     c1 = _hsv_colour(rng, (0.05, 0.5), (0.2, 0.9))
     c2 = _hsv_colour(rng, (0.05, 0.5), (0.2, 0.9))
-    t = _texture_crop(rng, size)[..., None]
-    img = np.ascontiguousarray(c1 * (1 - t) + c2 * t, dtype=np.float32)
+    t = _texture_crop(rng, size)
+    one_minus_t = 1 - t  # per channel, then interleaved: the float32 ops of c1 * (1 - t) + c2 * t, 5x faster
+    img = cv2.merge([c1[k] * one_minus_t + c2[k] * t for k in range(3)])
     # clutter: faint strokes and blobs that are not objects
     for _ in range(int(rng.integers(1, 4))):
         colour = tuple(float(v) for v in _hsv_colour(rng, (0.0, 0.4), (0.15, 0.95)))
@@ -268,14 +288,14 @@ def _paint(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
     y1, x1 = y0 + h, x0 + w
     region = img[y0:y1, x0:x1]
     m = mask[y0:y1, x0:x1].astype(bool)
-    under = region[m].mean(axis=0)
+    under = np.add.reduce(region[m], axis=0)  # = .mean(axis=0) bit for bit (the same float32 sum), cheaper
+    under /= np.count_nonzero(m)
     colour = _hsv_colour(rng, (0.55, 1.0), (0.55, 1.0))
     if np.abs(colour - under).sum() < 150:  # push away from the background
         colour = np.clip(255 - under + rng.normal(0, 20, 3), 0, 255).astype(np.float32)
     if rng.random() < 0.35:
-        t = _texture_crop(rng, max(y1 - y0, x1 - x0))[: y1 - y0, : x1 - x0][..., None]
-        fill = colour * (0.75 + 0.25 * t)
-        region[m] = fill[m]
+        t = _texture_crop(rng, max(y1 - y0, x1 - x0))[: y1 - y0, : x1 - x0]
+        region[m] = colour * (0.75 + 0.25 * t[m])[:, None]  # only the object's pixels, same float ops
     else:
         region[m] = colour
 
@@ -311,7 +331,11 @@ def render_scene(rng: np.random.Generator, kinds: list[str], diameters: list[flo
         full_area.append(max(cv2.countNonZero(mask), 1))
     if rng.random() < 0.5:  # mild sensor noise and blur, so edges are not trivially clean
         img = cv2.GaussianBlur(img, (3, 3), 0.6)
-    img = np.clip(img + rng.normal(0, 4, img.shape).astype(np.float32), 0, 255).astype(np.uint8)
+    # = rng.normal(0, 4, shape) bit for bit (loc + scale * z, scale a power of two), 30% faster
+    noise = rng.standard_normal(img.shape).astype(np.float32)
+    noise *= 4
+    noise += img
+    img = np.clip(noise, 0, 255, out=noise).astype(np.uint8)
     counts = np.bincount(index_map.ravel(), minlength=len(kinds) + 1)
     visible = [float(counts[i + 1] / full_area[i]) for i in range(len(kinds))]
     return Scene(image=img, index_map=index_map, classes=list(kinds), visible=visible)
@@ -354,7 +378,12 @@ def source_batch_dense(seed: int, split: str, start: int, n: int, size: int = DE
         scene, target = source_scene(seed, split, start + j, size)
         lut = np.array([0] + [SOURCE_CLASSES.index(k) + 1 for k in scene.classes], np.uint8)
         images[j], targets[j], class_maps[j] = scene.image, target, lut[scene.index_map]
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(targets), torch.from_numpy(class_maps)
+    return _channels_first(images), torch.from_numpy(targets), torch.from_numpy(class_maps)
+
+
+def _channels_first(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) -> (N, 3, H, W) uint8; numpy's copy is 5x faster than torch's for uint8."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
 def source_stream(seed: int, split: str = "train", size: int = DEFAULT_SIZE):
@@ -385,7 +414,9 @@ def task_scene(task: str, seed: int, split: str, index: int, label: int, size: i
         diameters.append(diameters.pop(slot))
         slot = len(kinds) - 1
         scene = render_scene(rng, kinds, diameters, size)
-    scene.index_map = np.where(scene.index_map == slot + 1, 1, np.where(scene.index_map > 0, 2, 0)).astype(np.uint8)
+    relabel = np.full(len(kinds) + 1, 2, np.uint8)  # 0 background, 1 the deciding object, 2 distractors
+    relabel[0], relabel[slot + 1] = 0, 1
+    scene.index_map = relabel[scene.index_map]
     return scene
 
 
@@ -404,7 +435,7 @@ def make_task_split(task: str, split: str, per_class: int, seed: int = 0, size: 
         scene = task_scene(task, seed, split, i, int(labels[i]), size)
         images[i], masks[i] = scene.image, scene.index_map == 1
     return LabeledImages(
-        images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        images=_channels_first(images),
         labels=torch.from_numpy(labels).long(),
         class_names=list(spec.classes),
         masks=torch.from_numpy(masks),
