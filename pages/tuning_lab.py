@@ -197,7 +197,7 @@ def show_snapshot(status: RunStatus, size: int) -> None:
     probe = S.probe_image(status.config, size)
     tile = overlay(probe, m) if probe is not None else heatmap_image(m, (size, size))
     final = " (final module)" if status.finished and step == status.step else ""
-    st.image(tile, caption=f"Probe image, last-layer CLS attention at step {step}{final}", width=220)
+    st.image(tile, caption=f"Probe image, last-layer CLS attention at step {step}{final}", width="stretch")
 
 
 def describe_state(status: RunStatus) -> None:
@@ -244,7 +244,7 @@ def run_panel(manager, size: int) -> None:
         manager.cancel(run_id)
         st.toast(f"Cancelling {status.name}…")
     describe_state(status)
-    left, right = st.columns([2, 1])
+    left, right = st.columns([3, 2])  # the probe image fills its column: no fixed width to overflow it
     with left:
         if status.history:
             st.plotly_chart(curves(status), key="tl_curves", width="stretch")

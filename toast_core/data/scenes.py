@@ -270,10 +270,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     img = cv2.merge([c1[k] * one_minus_t + c2[k] * t for k in range(3)])
     # clutter: faint strokes and blobs that are not objects
     for _ in range(int(rng.integers(1, 4))):
-        colour = tuple(float(v) for v in _hsv_colour(rng, (0.0, 0.4), (0.15, 0.95)))
-        p1 = tuple(int(v) for v in rng.integers(0, size, 2))
+        colour = tuple(_hsv_colour(rng, (0.0, 0.4), (0.15, 0.95)).tolist())
+        p1 = tuple(rng.integers(0, size, 2).tolist())
         if rng.random() < 0.6:
-            p2 = tuple(int(v) for v in rng.integers(0, size, 2))
+            p2 = tuple(rng.integers(0, size, 2).tolist())
             cv2.line(img, p1, p2, colour, int(rng.integers(1, 3)))
         else:
             cv2.circle(img, p1, int(rng.integers(2, 5)), colour, -1)
