@@ -87,7 +87,7 @@ def home() -> None:
     st.write("Built-in scenes with fixed indices that show each method's effect; each opens the Explorer.")
     cols = st.columns(len(S.PRESETS))
     for col, p in zip(cols, S.PRESETS):
-        with col, st.container(border=True, height=250):
+        with col, st.container(border=True):  # no fixed height: a long note never hides the button
             st.markdown(f"**{p.title}**")
             st.caption(f"{p.task} · {p.split} #{p.index} — {p.note}")
             if st.button("Open", key=f"preset_{p.key}", width="stretch"):
