@@ -127,11 +127,12 @@ def show_runs(backbone, episode, key: str, prompt: dict) -> None:
         return
     runs = result["runs"]
     cols = st.columns(len(runs))
-    for col, r in zip(cols, runs):
+    for col, run in zip(cols, runs):
+        r = run.result
         focus = "" if r.focus is None else f" · focus {r.focus:.2f} (chance {r.area:.2f})"
         col.metric(r.label, f"{r.acc:.1%} query accuracy", help=f"{r.seconds:.1f} s")
-        col.caption(f"{r.module.name}{focus}" + ("" if r.prompt_on_object is None else
-                                                 f" · prompts {r.prompt_on_object:.0%} on object"))
+        col.caption(f"{run.module.name}{focus}" + ("" if r.prompt_on_object is None else
+                                                   f" · prompts {r.prompt_on_object:.0%} on object"))
     query = episode.query
     names = query.class_names
     st.markdown("**Query predictions and last-layer attention** (image, then each module; one colour scale per query)")
@@ -146,7 +147,8 @@ def show_runs(backbone, episode, key: str, prompt: dict) -> None:
             for cell, r, tile in zip(cells[1:], runs, overlays(image, [r.view for r in runs], index=i)):
                 pred = int(r.view.pred[i])
                 mark = "✓" if pred == truth else "✗"
-                cell.image(tile, caption=f"{mark} {r.label}: {names[pred]} ({float(r.view.conf[i]):.2f})", width="stretch")
+                cell.image(tile, caption=f"{mark} {r.result.label}: {names[pred]} ({float(r.view.conf[i]):.2f})",
+                           width="stretch")
 
 
 def main() -> None:

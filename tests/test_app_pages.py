@@ -350,7 +350,7 @@ def test_fewshot_prompts_and_ft_vs_fort() -> None:
     labels = [str(m.label) for m in at.metric]
     assert labels == ["bitfit", "bitfit + FORT"]
     runs = at.session_state["fewshot_result"]["runs"]
-    assert all(0.0 <= r.acc <= 1.0 for r in runs) and runs[1].prompt_on_object is not None
+    assert all(0.0 <= r.result.acc <= 1.0 for r in runs) and runs[1].result.prompt_on_object is not None
     assert runs[0].view.map.shape[0] == 2  # 2-way x 1 query
 
 

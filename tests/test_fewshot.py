@@ -68,12 +68,12 @@ def test_tune_episode_keeps_the_module_and_agrees_with_run_episode(fixture_backb
     spec = MethodSpec("FT", "full", lr=1e-3)
     tuned = tune_episode(fixture_backbone, spec, episode, config)
     assert tuned.module.name == "full" and tuned.view.map.shape[0] == len(episode.query)
-    assert tuned.acc == pytest.approx(float(np.mean(tuned.view.pred == episode.query.labels.numpy())))
+    assert tuned.result.acc == pytest.approx(float(np.mean(tuned.view.pred == episode.query.labels.numpy())))
     # the kept module is the tuned one: its weights moved, and re-scoring it reproduces the result
     start = build_method("full", fixture_backbone, 3)
     assert any(not torch.equal(a, b) for a, b in zip(tuned.module.model.parameters(), start.model.parameters()))
     again = run_episode(fixture_backbone, spec, episode, 0, config)
-    assert (again.acc, again.focus, again.train_loss) == (tuned.acc, tuned.focus, tuned.result.train_loss)
+    assert (again.acc, again.focus, again.train_loss) == (tuned.result.acc, tuned.result.focus, tuned.result.train_loss)
     assert tuned.result.cpu_seconds > 0
 
 

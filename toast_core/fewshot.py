@@ -225,9 +225,6 @@ class EpisodeCache:
         return self._importance[key]
 
 
-_EpisodeCache = EpisodeCache  # the old private name, still used by toast_core.app_state
-
-
 @dataclass
 class TunedEpisode:
     """One method tuned on an episode's support set and scored on its query set, with the tuned
@@ -236,30 +233,6 @@ class TunedEpisode:
     result: EpisodeResult
     module: SteeringMethod
     view: AttentionView  # last-layer head-mean CLS attention of every query image
-
-    @property
-    def label(self) -> str:
-        return self.result.label
-
-    @property
-    def acc(self) -> float:
-        return self.result.acc
-
-    @property
-    def focus(self) -> float | None:
-        return self.result.focus
-
-    @property
-    def area(self) -> float | None:
-        return self.result.area
-
-    @property
-    def seconds(self) -> float:
-        return self.result.seconds
-
-    @property
-    def prompt_on_object(self) -> float | None:
-        return self.result.prompt_on_object
 
 
 def _set_head(method: SteeringMethod, weight: Tensor, bias: Tensor) -> None:
