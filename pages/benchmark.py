@@ -8,9 +8,11 @@ import streamlit as st
 
 from toast_core import app_state as S
 
+ACCURACY_AXIS = dict(range=[0, 1.05], tickformat=".0%")  # accuracy is a share: never a negative axis
+
 
 def filtered(df: pd.DataFrame) -> pd.DataFrame:
-    c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 1.6])  # wide enough for the toggle's label
     methods = c1.multiselect("Methods", sorted(df["method"].unique()), key="bm_methods", placeholder="all")
     tasks = c2.multiselect("Tasks", sorted(df["task"].unique()), key="bm_tasks", placeholder="all")
     states = c3.multiselect("States", sorted(df["state"].unique()), default=["done"] if "done" in set(df["state"]) else [],
@@ -40,6 +42,8 @@ def plots(df: pd.DataFrame) -> None:
             fig = px.scatter(with_share, x="trainable %", y="val acc", color="method", hover_name="run",
                              log_x=True, title="Accuracy vs trainable parameters")
             fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
+            fig.update_xaxes(dtick=1)  # one tick per decade of the log axis
+            fig.update_yaxes(ACCURACY_AXIS)
             st.plotly_chart(fig, key="bm_share")
     with c2:
         with_focus = done[done["focus ratio"].notna()]
@@ -50,6 +54,7 @@ def plots(df: pd.DataFrame) -> None:
                              title="Focus on the deciding object vs accuracy")
             fig.add_vline(x=1.0, line_dash="dot", annotation_text="chance")
             fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
+            fig.update_yaxes(ACCURACY_AXIS)
             st.plotly_chart(fig, key="bm_focus")
 
 
