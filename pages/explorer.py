@@ -56,9 +56,9 @@ def pick_modules(backbone) -> list[str]:
     manager = S.run_manager()
     done = S.finished_runs(manager, backbone)
     shipped = S.shipped_modules(backbone)
-    options = S.module_options(manager, backbone)
+    options = [S.BASE_KEY] + [r.run_id for r in done] + list(shipped)
     labels = {S.BASE_KEY: S.base_module(backbone).label, **{r.run_id: S.run_label(r) for r in done}, **shipped}
-    default = options[: S.DEFAULT_COMPARED]
+    default = options[: min(6, len(options))]
     chosen = st.multiselect(
         "Modules", options, default=default, format_func=lambda k: labels.get(k, k), key="ex_modules",
         help="The base backbone and every finished run on this backbone.",

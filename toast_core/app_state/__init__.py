@@ -53,7 +53,6 @@ from .session import (
     BACKBONE_FILES_DIR,
     BASE_KEY,
     DATASETS_DIR,
-    DEFAULT_COMPARED,
     FIXTURE,
     FIXTURE_LABEL,
     MAX_IMAGE_MB,
@@ -70,7 +69,6 @@ from .session import (
     is_fixture,
     load_spec,
     module_for,
-    module_options,
     module_stamp,
     require_backbone,
     run_label,
@@ -98,7 +96,6 @@ from .tuning import (
 
 __all__ = [
     "BACKBONE_ENV", "BACKBONE_FILES_DIR", "BASE_KEY", "BackboneError", "BackboneSpec", "DATASETS_DIR",
-    "DEFAULT_COMPARED",
     "FIXTURE", "FIXTURE_LABEL", "FOCUS_IMAGES", "FORT_BASES", "FieldSpec", "GRADIENT_VIEWS", "HEAD_VIEWS",
     "ImageChoice", "LAYERED_VIEWS", "MAX_IMAGE_MB", "MAX_WEIGHTS_MB", "MAX_ZIP_MB", "ModuleView", "PRESETS",
     "Preset", "RUNS_DIR_ENV", "SHIPPED_PREFIX", "TOAST_PASSES", "TOAST_VIEWS", "VIEW_LABELS",
@@ -106,7 +103,7 @@ __all__ = [
     "benchmark_rows", "cls_grid", "comparison_png_bytes", "dataset_summary", "decode_upload",
     "describe_method", "difference", "fewshot_episode", "finished_runs", "focus_table",
     "import_dataset_zip", "is_fixture", "load_spec", "method_fields", "model_input", "module_card",
-    "module_for", "module_options", "module_stamp", "module_views", "needs_episode_prompts", "overlay_tiles", "parse_tuple",
+    "module_for", "module_stamp", "module_views", "needs_episode_prompts", "overlay_tiles", "parse_tuple",
     "position_prompts", "preset", "probe_image", "require_backbone", "run_focus", "run_label",
     "run_manager", "run_module", "run_snapshot", "runs_root", "save_weights_upload", "scene_image",
     "set_active_spec", "shared_backbone", "shipped_modules", "spec_from_env", "submit_run",

@@ -129,23 +129,18 @@ def backbone_facts(backbone: Backbone) -> dict[str, str]:
 
 
 def warm_up() -> None:
-    """Load the default backbone, and the modules the Explorer shows first, into the shared caches
-    ahead of the first page (app.py runs this in a thread at server start). A failure is left for the
-    page to report: it loads what it needs itself and shows the error; this only logs it."""
+    """Load the default backbone into the shared cache ahead of the first page (app.py runs this in a
+    thread at server start). A failure is left for the page to report: it loads the backbone itself
+    and shows the error; this only logs it."""
     # the cache looks for a session on this thread; there is none, and that is expected here
     expected = f"Thread '{threading.current_thread().name}': missing ScriptRunContext"
     logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").addFilter(
         lambda record: expected not in record.getMessage()
     )
-    spec = spec_from_env()
     try:
-        backbone = _cached_backbone(spec.key)
-        # then the modules the Explorer compares before anyone picks: the first page view needs them
-        manager = _cached_manager(str(runs_root()), spec.key)
-        for key in module_options(manager, backbone)[:DEFAULT_COMPARED]:
-            module_for(key, backbone, spec)
+        _cached_backbone(spec_from_env().key)
     except Exception as exc:  # noqa: BLE001 - any failure is the page's to report, with its own message
-        logging.getLogger(__name__).info("warm-up failed (the page will report it): %s", exc)
+        logging.getLogger(__name__).info("backbone warm-up failed (the page will report it): %s", exc)
 
 
 def require_backbone() -> Backbone:
@@ -203,17 +198,16 @@ def _cached_run_module(root: str, key: tuple[str, str, str], run_id: str, stamp:
     return method
 
 
-def run_module(run_id: str, spec: BackboneSpec | None = None) -> SteeringMethod:
+def run_module(run_id: str) -> SteeringMethod:
     """A done run's module on the shared backbone (loaded once; `stamp` re-loads a re-trained run)."""
-    spec = spec or active_spec()
-    status = run_manager(spec).status(run_id, history=False)
-    return _cached_run_module(str(runs_root()), spec.key, run_id, float(status.ended or 0.0))
+    status = run_manager().status(run_id, history=False)
+    return _cached_run_module(str(runs_root()), active_spec().key, run_id, float(status.ended or 0.0))
 
 
-def base_module(backbone: Backbone, spec: BackboneSpec | None = None) -> SteeringMethod:
+def base_module(backbone: Backbone) -> SteeringMethod:
     """The unsteered backbone as a module: a linear readout that reuses the backbone's own head when it
     has one (the embedded backbone's pretraining head, with its class names)."""
-    return _cached_base((spec or active_spec()).key, backbone.weights_hash)
+    return _cached_base((active_spec().key), backbone.weights_hash)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -252,22 +246,13 @@ def _cached_shipped(key: tuple[str, str, str], stem: str) -> SteeringMethod:
     return method
 
 
-def module_for(key: str, backbone: Backbone, spec: BackboneSpec | None = None) -> SteeringMethod:
-    """A module by page key: the base backbone, a shipped checkpoint, or a done run (`spec`: the
-    session's backbone choice unless given, e.g. by the warm-up, which has no session)."""
+def module_for(key: str, backbone: Backbone) -> SteeringMethod:
+    """A module by page key: the base backbone, a shipped checkpoint, or a done run."""
     if key == BASE_KEY:
-        return base_module(backbone, spec)
+        return base_module(backbone)
     if key.startswith(SHIPPED_PREFIX):
-        return _cached_shipped((spec or active_spec()).key, key.removeprefix(SHIPPED_PREFIX))
-    return run_module(key, spec)
-
-
-DEFAULT_COMPARED = 6  # modules the Explorer compares until the user picks others
-
-
-def module_options(manager: RunManager, backbone: Backbone) -> list[str]:
-    """Module keys in the Explorer's order: the base backbone, done runs (newest first), shipped modules."""
-    return [BASE_KEY] + [r.run_id for r in finished_runs(manager, backbone)] + list(shipped_modules(backbone))
+        return _cached_shipped(active_spec().key, key.removeprefix(SHIPPED_PREFIX))
+    return run_module(key)
 
 
 def module_stamp(key: str) -> float:
