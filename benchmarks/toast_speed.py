@@ -239,9 +239,9 @@ def main() -> None:
         "reference": sum(p.numel() for p in reference.parameters() if p.requires_grad),
         "toast": toast.trainable_count(),
         "toast_lite": lite.trainable_count(),
-        names[4]: late.trainable_count(),
+        f"late_k{depth // 2}": late.trainable_count(),
         "floor": sum(p.numel() for p in floor.parameters()),
-        names[6]: sum(p.numel() for p in late_floor.parameters()),
+        f"floor_k{depth // 2}": sum(p.numel() for p in late_floor.parameters()),
     }
     for name in names:
         print(
@@ -252,9 +252,9 @@ def main() -> None:
         "toast_vs_ref": med["toast"] / med["reference"],
         "toast_vs_full": med["toast"] / med["full"],
         "lite_vs_ref": med["toast_lite"] / med["reference"],
-        "late_vs_ref": med[names[4]] / med["reference"],
+        "late_vs_ref": med[f"late_k{depth // 2}"] / med["reference"],
         "floor_vs_ref": med["floor"] / med["reference"],
-        "late_floor_vs_ref": med[names[6]] / med["reference"],
+        "late_floor_vs_ref": med[f"floor_k{depth // 2}"] / med["reference"],
     }
     verdicts = [f"{k} {result[k]:.2f} {'<=' if result[k] <= v else '>'} {v:.2f}" for k, v in TARGETS.items()]
     print("targets: " + "; ".join(verdicts))

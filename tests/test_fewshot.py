@@ -23,7 +23,6 @@ from toast_core.fewshot import (
     FewShotConfig,
     MethodSpec,
     run_episode,
-    train_head_on_features,
     tune_episode,
 )
 from toast_core.methods import build_method
@@ -42,7 +41,9 @@ def test_linear_probe_on_cached_features_is_exactly_train(fixture_backbone: Back
     tc = TrainConfig(steps=7, batch_size=4, lr=1e-2, weight_decay=0.01, min_lr=0.3, grad_clip=0.5, seed=5)
     slow, fast = build_method("linear", fixture_backbone, 3), build_method("linear", fixture_backbone, 3)
     loss = train(slow, episode.support, None, tc).final["train_loss"]
-    assert train_head_on_features(fast, cache.features, cache.labels, tc) == loss
+    assert train(fast, episode.support, None, tc, features=cache.features).final["train_loss"] == loss
+    with pytest.raises(ValueError, match="one row per image"):
+        train(fast, episode.support, None, tc, features=cache.features[:1])
     assert torch.equal(slow.head.weight, fast.head.weight) and torch.equal(slow.head.bias, fast.head.bias)
     assert not torch.equal(fast.head.weight, build_method("linear", fixture_backbone, 3).head.weight)  # it trained
 

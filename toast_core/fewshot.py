@@ -17,8 +17,8 @@ versions) computes exactly the frozen backbone's forward, so the support feature
 FORT's importance (with the same ridge head) are computed once per episode on the frozen backbone,
 and every FORT method of the episode trains towards the same prompts; a method whose initial features
 differ (checked on one support image) gets its own. The linear probe's backbone stays frozen, so it
-trains on those cached features (`train_head_on_features`: the same batches, optimiser and schedule
-as `train()`, without a backbone forward per step) and is scored with one forward of the queries.
+trains on those cached features (`train(..., features=...)`: the same batches, optimiser and schedule,
+without a backbone forward per step) and is scored with one forward of the queries.
 
 `tune_episode` keeps the tuned module and its query attention (the app's few-shot page);
 `run_episode` keeps only the scores.
@@ -50,15 +50,7 @@ from toast_core.methods.fort import (
     support_features,
 )
 from toast_core.methods.linear import LinearProbe
-from toast_core.train import (
-    TrainConfig,
-    _EpochSampler,
-    build_optimizer,
-    lr_at,
-    prepare_batch,
-    task_loss,
-    train,
-)
+from toast_core.train import TrainConfig, prepare_batch, train
 
 HEAD_INITS = ("ridge", "random")
 OFFICIAL_WAYS = 20
@@ -266,33 +258,6 @@ def _head_only(method: SteeringMethod, shared: bool) -> bool:
     return type(method) is LinearProbe and shared and method.head.weight.device.type == "cpu"
 
 
-def train_head_on_features(method: SteeringMethod, features: Tensor, labels: Tensor, config: TrainConfig) -> float:
-    """`train(method, support, None, config)` for a head-only method, on its support features
-    computed once: the same batches (seeded epoch-wise permutation), AdamW groups, lr schedule,
-    clipping and cross-entropy, without a backbone forward per step (the probe's backbone is frozen,
-    so its features never change). Returns the final train loss (mean of the last 10 steps)."""
-    torch.manual_seed(config.seed)
-    sampler = _EpochSampler(len(features), torch.Generator().manual_seed(config.seed))
-    optimizer = build_optimizer(method, config)
-    params = method.trainable_parameters()
-    feats, labels = features.detach(), labels.to(features.device)
-    losses = []
-    method.train()
-    for step in range(config.steps):
-        idx = sampler.next(config.batch_size)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        loss = task_loss(method.head(feats[idx]), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    method.eval()
-    return float(np.mean(losses[-10:])) if losses else float("nan")
-
-
 def query_view(method: SteeringMethod, query: LabeledImages, batch_size: int = 64) -> AttentionView:
     """Last-layer head-mean CLS attention and predictions of every query image (batched forwards)."""
     views = [
@@ -354,10 +319,9 @@ def tune_episode(
         device=config.device,
     )
     loss = float("nan")
-    if steps > 0 and _head_only(method, shared):
-        loss = train_head_on_features(method, cache.features, cache.labels, tc)
-    elif steps > 0:
-        loss = float(train(method, episode.support, None, tc).final.get("train_loss", float("nan")))
+    if steps > 0:
+        features = cache.features if _head_only(method, shared) else None
+        loss = float(train(method, episode.support, None, tc, features=features).final.get("train_loss", float("nan")))
     view = query_view(method, episode.query, config.eval_batch_size)
     acc, focus, area = score_view(view, episode.query)
     result = EpisodeResult(
@@ -480,7 +444,6 @@ __all__ = [
     "score_view",
     "summarise",
     "task_pool",
-    "train_head_on_features",
     "tune_episode",
     "TunedEpisode",
 ]

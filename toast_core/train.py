@@ -305,12 +305,18 @@ def train(
     callbacks: Any | Sequence[Any] | None = None,
     probe_image: Tensor | None = None,
     cancel: threading.Event | None = None,
+    features: Tensor | None = None,
 ) -> TrainResult:
     """Train `method` in place and return its history, final metrics, timings and memory peak.
 
     `probe_image` (uint8 (3, H, W)) enables attention snapshots every `snapshot_every` steps (and at
     step 0). `cancel` is checked before every step, so a run stops within one step of it being set.
+    `features`: the frozen pooled features of every `train_data` image, for a method whose backbone
+    forward never changes (the linear probe): each step then runs only its head on them (same
+    batches, optimiser and schedule), without a backbone forward per step.
     """
+    if features is not None and (not isinstance(train_data, LabeledImages) or len(features) != len(train_data)):
+        raise ValueError("features must hold one row per image of an in-memory training set.")
     config = config or TrainConfig()
     if callbacks is None:
         cbs: list[Any] = []
@@ -324,7 +330,7 @@ def train(
         torch.set_num_threads(config.num_threads)
     try:
         return _run(
-            method, train_data, val_data, config, cbs, probe_image, cancel, device, amp_dtype, amp_name
+            method, train_data, val_data, config, cbs, probe_image, cancel, device, amp_dtype, amp_name, features
         )
     finally:
         if config.num_threads:
@@ -345,8 +351,10 @@ class _Loop:
         cancel: threading.Event | None,
         device: torch.device,
         amp_dtype: torch.dtype | None,
+        features: Tensor | None = None,
     ):
         self.method, self.train_data, self.val_data = method, train_data, val_data
+        self.features = None if features is None else features.detach().to(device)
         self.config, self.cbs, self.probe_image, self.cancel = config, cbs, probe_image, cancel
         self.device, self.amp_dtype = device, amp_dtype
         self.is_cuda = device.type == "cuda"
@@ -373,10 +381,12 @@ class _Loop:
             torch.cuda.synchronize(self.device)
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """(images, or their frozen features when given; labels) of this step's batch."""
         if self.sampler is not None:
             idx = self.sampler.next(self.config.batch_size)
             data: LabeledImages = self.train_data  # type: ignore[assignment]
-            return data.images[idx], data.labels[idx]
+            inputs = data.images[idx] if self.features is None else self.features[idx]
+            return inputs, data.labels[idx]
         return self.train_data(step, self.config.batch_size, self.generator)  # type: ignore[operator]
 
     def step(self, step: int) -> dict[str, float]:
@@ -388,12 +398,16 @@ class _Loop:
             group["lr"] = lr
         self.sync()
         t0 = time.perf_counter()
-        x = prepare_batch(self.method, images)
+        head_only = self.features is not None  # frozen features in: no backbone forward
+        x = images if head_only else prepare_batch(self.method, images)
         amp = self.amp_dtype
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            output: MethodOutput = self.method(x, self.capture)
-            loss_task = task_loss(output.logits, targets)
-            extras = self.method.extra_losses(output, targets)
+            if head_only:
+                logits, extras = self.method.head(x), {}
+            else:
+                output: MethodOutput = self.method(x, self.capture)
+                logits, extras = output.logits, self.method.extra_losses(output, targets)
+            loss_task = task_loss(logits, targets)
         loss = loss_task + sum((v.float() for v in extras.values()), torch.zeros((), device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -418,7 +432,7 @@ class _Loop:
             "loss": float(loss.detach()),
             "task_loss": float(loss_task.detach()),
             "lr": lr,
-            "train_acc": correct_count(output.logits.detach(), targets) / len(images),
+            "train_acc": correct_count(logits.detach(), targets) / len(images),
         }
         entry.update({name: float(v.detach()) for name, v in extras.items()})
         return entry
@@ -509,9 +523,10 @@ def _run(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     amp_name: str,
+    features: Tensor | None = None,
 ) -> TrainResult:
     t_start = time.perf_counter()
-    loop = _Loop(method, train_data, val_data, config, cbs, probe_image, cancel, device, amp_dtype)
+    loop = _Loop(method, train_data, val_data, config, cbs, probe_image, cancel, device, amp_dtype, features)
     cancelled, eval_s = loop.run()
     return TrainResult(
         history=loop.history,

@@ -40,9 +40,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "prompt_weights": tuple(fort.PROMPT_WEIGHTS),
         "target_mass": tuple(fort.TARGET_MASS),
         "importance_head": tuple(fort.IMPORTANCE_HEADS),
+        "a_init": tuple(lora.INITS),
     }
-    a_init = getattr(lora, "A_INITS", None)
-    out["a_init"] = tuple(a_init) if a_init else ("kaiming", "normal")
     return out
 
 
