@@ -39,6 +39,7 @@ DIGITS = tuple("0123456789")
 DIGIT_CLASSES = tuple(f"digit-{d}" for d in DIGITS)
 
 MAX_ROTATION = 0.5  # radians; full rotation invariance is too much to learn from scratch in a CPU hour
+NOISE_SCALE = 4.0  # sensor noise std in levels; a power of two keeps it equal to rng.normal's bit for bit
 _TEXTURE_BANK_SIZE = 24
 _TEXTURE_RES = 192
 _GLYPH_RES = 64
@@ -331,9 +332,9 @@ def render_scene(rng: np.random.Generator, kinds: list[str], diameters: list[flo
         full_area.append(max(cv2.countNonZero(mask), 1))
     if rng.random() < 0.5:  # mild sensor noise and blur, so edges are not trivially clean
         img = cv2.GaussianBlur(img, (3, 3), 0.6)
-    # = rng.normal(0, 4, shape) bit for bit (loc + scale * z, scale a power of two), 30% faster
+    # = rng.normal(0, NOISE_SCALE, shape) bit for bit (loc + scale * z), 30% faster
     noise = rng.standard_normal(img.shape).astype(np.float32)
-    noise *= 4
+    noise *= NOISE_SCALE
     noise += img
     img = np.clip(noise, 0, 255, out=noise).astype(np.uint8)
     counts = np.bincount(index_map.ravel(), minlength=len(kinds) + 1)
