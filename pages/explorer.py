@@ -8,7 +8,14 @@ import streamlit as st
 from toast_core import app_state as S
 from toast_core.data.images import IMAGE_EXTENSIONS, ImageInputError
 from toast_core.data.scenes import SPLITS, TASKS
-from toast_core.viz import COLORMAPS, comparison_figure, difference_figure, layer_head_figure
+from toast_core.viz import (
+    COLORMAPS,
+    box_from_selection,
+    box_picker_figure,
+    comparison_figure,
+    difference_figure,
+    layer_head_figure,
+)
 
 SOURCES = ("Built-in scene", "Upload an image")
 
@@ -117,6 +124,13 @@ def show_difference(views: list[S.ModuleView]) -> None:
     st.caption("Red: A attends more; blue: B attends more.")
 
 
+def take_drawn_box(image_size: tuple[int, int]) -> None:
+    """A box dragged on the picker becomes the typed box (callbacks run before the widgets exist)."""
+    box = box_from_selection(st.session_state["ex_box_fig"].selection, image_size)
+    if box is not None:
+        st.session_state.update(ex_x0=box[0], ex_y0=box[1], ex_x1=box[2], ex_y1=box[3])
+
+
 def show_focus(image: S.ImageChoice, views: list[S.ModuleView]) -> None:
     h, w = image.size
     use_mask = image.mask is not None and st.toggle(
@@ -126,16 +140,23 @@ def show_focus(image: S.ImageChoice, views: list[S.ModuleView]) -> None:
         region = image.mask
         st.caption(f"Region: ground-truth mask, {float(np.mean(image.mask)):.1%} of the image.")
     else:
-        st.caption(f"Region: a box in image pixels (the image is {w} × {h}).")
+        st.caption(f"Region: drag a box on the image, or type it in image pixels (the image is {w} × {h}).")
         cols = st.columns(4)
         x0 = cols[0].number_input("x0", 0, w, w // 4, key="ex_x0")
         y0 = cols[1].number_input("y0", 0, h, h // 4, key="ex_y0")
         x1 = cols[2].number_input("x1", 0, w, 3 * w // 4, key="ex_x1")
         y1 = cols[3].number_input("y1", 0, h, 3 * h // 4, key="ex_y1")
-        if x1 <= x0 or y1 <= y0:
+        valid = x1 > x0 and y1 > y0
+        st.plotly_chart(
+            box_picker_figure(image.rgb, (x0, y0, x1, y1) if valid else None),
+            key="ex_box_fig", on_select=lambda: take_drawn_box(image.size), selection_mode="box",
+            width=340,
+        )
+        if not valid:
             st.warning("The box is empty: x1 must be greater than x0 and y1 greater than y0.")
             return
         region = (x0, y0, x1, y1)
+        st.caption(f"Box ({x0}, {y0})–({x1}, {y1}): {(x1 - x0) * (y1 - y0) / (w * h):.1%} of the image.")
     rows = S.focus_table(views, region, image.size)
     if rows:
         st.dataframe(rows, hide_index=True, width="stretch")

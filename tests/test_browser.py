@@ -84,6 +84,23 @@ def test_upload_compare_tune_and_see_the_new_module(browser_page) -> None:
     assert page.get_by_text(re.compile("Traceback")).count() == 0
     shot(page, "explorer_upload")
 
+    # Focus: a box dragged on the image becomes the focus region (160-px upload, no mask)
+    page.get_by_role("tab", name="Focus").click()
+    plot_area = page.locator(".st-key-ex_box_fig .nsewdrag").first
+    plot_area.wait_for()
+    settle(page, timeout_s=SLOW)
+    box = plot_area.bounding_box()
+    page.mouse.move(box["x"] + 0.10 * box["width"], box["y"] + 0.20 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.50 * box["width"], box["y"] + 0.60 * box["height"], steps=8)
+    page.mouse.up()
+    settle(page, timeout_s=SLOW)
+    typed = {k: int(page.get_by_label(k, exact=True).input_value()) for k in ("x0", "y0", "x1", "y1")}
+    want = {"x0": 16, "y0": 32, "x1": 80, "y1": 96}
+    assert all(abs(typed[k] - want[k]) <= 1 for k in want), typed
+    wait_text(page, f"Box ({typed['x0']}, {typed['y0']})–({typed['x1']}, {typed['y1']})", SLOW)
+    shot(page, "explorer_focus_box")
+
     # Tuning Lab: a tiny run is queued, trains in the background and finishes
     page.goto(f"{server.url}/tuning_lab")
     page.get_by_role("button", name="Submit run").wait_for()

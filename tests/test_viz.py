@@ -134,3 +134,32 @@ def test_comparison_and_difference_figures() -> None:
 def test_unknown_colour_map_is_refused() -> None:
     with pytest.raises(ValueError, match="colour map"):
         viz.colorize(np.zeros((2, 2)), cmap="nope")
+
+
+# --- drawing a focus box -------------------------------------------------------------------------
+def test_drawn_box_becomes_whole_clipped_pixels() -> None:
+    def drawn(xs: list[float], ys: list[float]) -> dict:
+        return {"points": [], "point_indices": [], "box": [{"xref": "x", "yref": "y", "x": xs, "y": ys}], "lasso": []}
+
+    assert viz.box_from_selection(drawn([16.4, 79.6], [31.7, 96.2]), (160, 200)) == (16, 32, 80, 96)
+    # dragged right to left, bottom to top, and past the image's edges
+    assert viz.box_from_selection(drawn([250.0, 180.2], [-9.0, 10.0]), (160, 200)) == (180, 0, 200, 10)
+    assert viz.box_from_selection(drawn([5.1, 5.3], [0.0, 9.0]), (160, 200)) is None  # no whole pixel
+    assert viz.box_from_selection({"points": [], "box": [], "lasso": []}, (160, 200)) is None
+    assert viz.box_from_selection(None, (160, 200)) is None
+    assert viz.box_from_selection({"box": [{"x": ["a", 1], "y": [0, 1]}]}, (160, 200)) is None
+
+
+def test_box_picker_maps_image_pixels_to_axis_units() -> None:
+    rgb = np.zeros((900, 1200, 3), np.uint8)
+    fig = viz.box_picker_figure(rgb, (10, 20, 300, 400), display_side=300)
+    image, anchors = fig.data
+    assert image.source.startswith("data:image/png;base64,")  # downscaled, not a 900×1200 JSON array
+    # a 300 × 225 PNG whose pixels span 4 original pixels each: axis units are original pixel edges
+    assert (image.dx, image.dy, image.x0, image.y0) == (4.0, 4.0, 2.0, 2.0)
+    assert tuple(fig.layout.xaxis.range) == (0, 1200) and tuple(fig.layout.yaxis.range) == (900, 0)
+    assert fig.layout.dragmode == "select" and len(anchors.x) == 24 * 24
+    assert 0 < min(anchors.x) and max(anchors.x) < 1200 and 0 < min(anchors.y) and max(anchors.y) < 900
+    (rect,) = fig.layout.shapes
+    assert (rect.x0, rect.y0, rect.x1, rect.y1) == (10, 20, 300, 400)
+    assert viz.box_picker_figure(rgb, None).layout.shapes == ()

@@ -9,8 +9,9 @@ PNG export composes with Pillow (no kaleido); plotly figures are for the app.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -250,6 +251,70 @@ def difference_figure(
     )
     _square_axes(fig, 1)
     return fig
+
+
+def box_picker_figure(
+    rgb: np.ndarray, box: tuple[int, int, int, int] | None = None, display_side: int = 320
+) -> go.Figure:
+    """The image on axes in ORIGINAL pixel-edge coordinates, ready for a drag-to-select box.
+
+    Plotly only offers box selection over selectable points, so an invisible grid of markers covers
+    the image; the selection's own x/y range is what `box_from_selection` reads, not the points.
+    The image travels as a downscaled PNG (a 4000-px upload would otherwise be a JSON array)."""
+    import base64
+    import io
+
+    h, w = int(rgb.shape[0]), int(rgb.shape[1])
+    scale = min(1.0, display_side / max(h, w))
+    shown = rgb if scale == 1.0 else cv2.resize(
+        rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+    )
+    buf = io.BytesIO()
+    Image.fromarray(shown).save(buf, format="PNG")
+    dx, dy = w / shown.shape[1], h / shown.shape[0]
+    fig = go.Figure(
+        go.Image(
+            source="data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"),
+            x0=dx / 2, y0=dy / 2, dx=dx, dy=dy, hoverinfo="skip",
+        )
+    )
+    n = 24  # selectable anchors per side: enough that any drawn box holds some
+    xs, ys = np.meshgrid((np.arange(n) + 0.5) * w / n, (np.arange(n) + 0.5) * h / n)
+    fig.add_trace(
+        go.Scatter(
+            x=xs.ravel(), y=ys.ravel(), mode="markers", marker=dict(size=4, opacity=0),
+            hoverinfo="skip", showlegend=False,
+        )
+    )
+    if box is not None:
+        x0, y0, x1, y1 = box
+        fig.add_shape(type="rect", x0=x0, y0=y0, x1=x1, y1=y1, line=dict(color="#ff2b2b", width=2))
+    fig.update_layout(
+        dragmode="select", margin=dict(l=0, r=0, t=0, b=0), height=display_side,
+        xaxis=dict(range=[0, w], visible=False),
+        yaxis=dict(range=[h, 0], scaleanchor="x", visible=False),
+    )
+    return fig
+
+
+def box_from_selection(
+    selection: Mapping[str, Any] | None, image_size: tuple[int, int]
+) -> tuple[int, int, int, int] | None:
+    """The first drawn box of a plotly selection state, as whole image pixels (x0, y0, x1, y1)
+    clipped to the image; None when nothing was drawn or the box covers no pixel."""
+    boxes = selection.get("box") if selection else None
+    if not boxes:
+        return None
+    h, w = image_size
+    try:
+        xs, ys = [float(v) for v in boxes[0]["x"]], [float(v) for v in boxes[0]["y"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(xs) != 2 or len(ys) != 2:
+        return None
+    x0, x1 = (int(np.clip(round(v), 0, w)) for v in sorted(xs))
+    y0, y1 = (int(np.clip(round(v), 0, h)) for v in sorted(ys))
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
 # --- PNG and CSV export -------------------------------------------------------------------------
