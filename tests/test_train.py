@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -64,6 +65,60 @@ def test_same_seed_same_history(fixture_backbone, data):
     ]
     assert runs[0].history == runs[1].history
     assert runs[0].history != runs[2].history
+
+
+def _history_of(method: SteeringMethod, data) -> list[dict[str, float]]:
+    return train(method, data, None, TrainConfig(steps=6, batch_size=8, lr=1e-2, seed=3)).history
+
+
+@pytest.mark.parametrize(
+    ("method_name", "cfg"),
+    [("vpt", {"num_tokens": 5, "deep": True}), ("visual_prompt", {"kind": "random_patch", "size": 8})],
+)
+def test_a_run_keeps_its_random_stream_while_other_threads_use_torchs(
+    fixture_backbone, data, method_name, cfg
+) -> None:
+    """Prompt dropout and prompt placement draw from the run's own generator: another thread
+    reseeding and drawing from torch's global one (as a concurrent run may) changes nothing."""
+    alone = _history_of(build_method(method_name, fixture_backbone, CLASSES, cfg), data)
+    method = build_method(method_name, fixture_backbone, CLASSES, cfg)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(_history_of(method, data)))
+    worker.start()
+    k = 0
+    while worker.is_alive():
+        torch.manual_seed(1000 + k)
+        torch.rand(64)
+        k += 1
+    worker.join()
+    assert k > 0 and result[0] == alone
+
+
+class _SlowBuild(SteeringMethod):
+    """Draws, yields the GIL, draws again: the window in which another build could reseed."""
+
+    def build(self) -> None:
+        self.first = torch.nn.Parameter(torch.randn(8))
+        time.sleep(0.05)
+        self.second = torch.nn.Parameter(torch.randn(8))
+
+
+def test_methods_built_at_once_get_the_weights_of_their_own_seed(fixture_backbone) -> None:
+    from toast_core.methods.base import MethodConfig
+
+    def weights(seed: int) -> list[torch.Tensor]:
+        m = _SlowBuild(fixture_backbone, CLASSES, MethodConfig(seed=seed))
+        return [m.first.detach(), m.second.detach(), m.head.weight.detach()]
+
+    serial = {seed: weights(seed) for seed in (0, 1)}
+    built: dict[int, list[torch.Tensor]] = {}
+    threads = [threading.Thread(target=lambda s=s: built.__setitem__(s, weights(s))) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(built[seed], serial[seed], strict=True)), seed
 
 
 def test_cancel_stops_within_one_step(fixture_backbone, data):

@@ -25,7 +25,7 @@ from torch import Tensor
 from toast_core.attention import cls_view
 from toast_core.data.base import LabeledImages, to_model_input
 from toast_core.device import pick_device
-from toast_core.methods.base import MethodOutput, SteeringMethod
+from toast_core.methods.base import MethodOutput, SteeringMethod, seed_global
 
 #: (step, batch_size, generator) -> (uint8 images (B, 3, H, W), targets (B,) long or (B, C) float)
 BatchSource = Callable[[int, int, torch.Generator], tuple[Tensor, Tensor]]
@@ -358,7 +358,8 @@ class _Loop:
         self.config, self.cbs, self.probe_image, self.cancel = config, cbs, probe_image, cancel
         self.device, self.amp_dtype = device, amp_dtype
         self.is_cuda = device.type == "cuda"
-        torch.manual_seed(config.seed)  # dropout, random prompt locations
+        seed_global(config.seed)  # a fine-tuned backbone's own dropout / drop-path, if enabled
+        method.seed_streams(config.seed)  # prompt dropout, random prompt locations (per run, thread-safe)
         self.generator = torch.Generator().manual_seed(config.seed)  # batch order
         self.sampler = (
             _EpochSampler(len(train_data), self.generator) if isinstance(train_data, LabeledImages) else None

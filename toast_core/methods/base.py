@@ -7,6 +7,7 @@ backbone is referenced, never registered as a submodule, so `state_dict()`, `par
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -38,6 +39,18 @@ class MethodOutput:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+# Building seeds torch's global generator for the duration of `build()`; two runs building at once
+# in different worker threads (a CPU and a GPU run) would otherwise draw from each other's seed.
+# Every reseed of the global generator in toast_core takes this lock (see `seed_global`).
+_GLOBAL_RNG_LOCK = threading.Lock()
+
+
+def seed_global(seed: int) -> None:
+    """torch.manual_seed, but never in the middle of another thread's method build."""
+    with _GLOBAL_RNG_LOCK:
+        torch.manual_seed(seed)
+
+
 class SteeringMethod(nn.Module, Steer):
     """Base class: plain linear readout over the unmodified backbone (the linear probe's behaviour)."""
 
@@ -51,14 +64,35 @@ class SteeringMethod(nn.Module, Steer):
         self.config = config if config is not None else self.config_cls()
         self._backbone_ref = (backbone,)  # a tuple keeps it out of the module tree
         self.num_classes = int(num_classes)
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(self.config.seed)
-        try:
-            self.head = nn.Linear(backbone.layout.embed_dim, self.num_classes)
-            self.build()
-        finally:
-            torch.random.set_rng_state(generator_state)
+        self._streams: dict[str, torch.Generator] = {}
+        self._stream_seed: int | None = None
+        with _GLOBAL_RNG_LOCK:
+            generator_state = torch.random.get_rng_state()
+            torch.manual_seed(self.config.seed)
+            try:
+                self.head = nn.Linear(backbone.layout.embed_dim, self.num_classes)
+                self.build()
+            finally:
+                torch.random.set_rng_state(generator_state)
         self.to(backbone.device)
+
+    # --- randomness inside a training step -------------------------------------------------------
+    def seed_streams(self, seed: int) -> None:
+        """Give this method its own random streams for in-step randomness (prompt dropout, prompt
+        placement), seeded per run. Torch's global generator is shared by every thread, so a run
+        drawing from it would see another worker's draws and reseeds."""
+        self._stream_seed, self._streams = int(seed), {}
+
+    def stream(self, device: torch.device | str) -> torch.Generator | None:
+        """The run's generator on `device` (created on first use), or None (torch's global one)
+        when no run has seeded streams."""
+        if self._stream_seed is None:
+            return None
+        device = torch.device(device)
+        key = str(device)
+        if key not in self._streams:
+            self._streams[key] = torch.Generator(device=device).manual_seed(self._stream_seed)
+        return self._streams[key]
 
     # --- what subclasses customise -------------------------------------------------------------
     def build(self) -> None:

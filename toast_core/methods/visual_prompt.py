@@ -87,8 +87,9 @@ class VisualPrompt(SteeringMethod):
             return torch.cat([self.pad_up, middle, self.pad_down], dim=2)
         top, left = 0, 0
         if self.config.kind == "random_patch" and training:
-            top = int(torch.randint(0, height - s + 1, (1,)).item())
-            left = int(torch.randint(0, width - s + 1, (1,)).item())
+            stream = self.stream("cpu")
+            top = int(torch.randint(0, height - s + 1, (1,), generator=stream).item())
+            left = int(torch.randint(0, width - s + 1, (1,), generator=stream).item())
         # pad the square into place (differentiable, no in-place writes on a leaf)
         return nn.functional.pad(self.patch, (left, width - s - left, top, height - s - top))
 

@@ -59,8 +59,6 @@ class VPT(SteeringMethod):
         bound = prompt_init_bound(layout.patch_size, layout.embed_dim)
         self.prompt = nn.Parameter(torch.empty(sets, self.config.num_tokens, layout.embed_dim))
         nn.init.uniform_(self.prompt, -bound, bound)
-        rate = self.config.effective_dropout
-        self.prompt_dropout = nn.Dropout(rate) if rate > 0 else nn.Identity()
 
     def prompts(self, layer: int, batch: int) -> Tensor | None:
         if self.config.deep:
@@ -70,7 +68,15 @@ class VPT(SteeringMethod):
         else:
             return None
         # expand before dropout so each image gets its own dropout mask (as the official code does)
-        return self.prompt_dropout(p.unsqueeze(0).expand(batch, -1, -1))
+        return self._dropout(p.unsqueeze(0).expand(batch, -1, -1))
+
+    def _dropout(self, prompts: Tensor) -> Tensor:
+        """Inverted dropout as nn.Dropout computes it, drawn from the run's own stream."""
+        rate = self.config.effective_dropout
+        if not self.training or rate == 0.0:
+            return prompts
+        noise = torch.rand(prompts.shape, device=prompts.device, generator=self.stream(prompts.device))
+        return prompts * (noise >= rate).to(prompts.dtype) / (1.0 - rate)
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
