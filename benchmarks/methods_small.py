@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         f"peak MB = {memory_kind} during training; focus = share of last-layer CLS attention (head mean, "
         "patches only) on the deciding-object mask; ratio = focus / mask area share (1 = chance)",
         f"total {minutes:.1f} min; hyper-parameters: HPARAMS in benchmarks/methods_small.py",
+        f"command: `PYTHONPATH=. python benchmarks/methods_small.py "
+        f"{' '.join(sys.argv[1:] if argv is None else argv)}` ({time.strftime('%Y-%m-%d')})",
     ]
     print("\n".join(f"- {n}" for n in notes))
     if args.append_results:

@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 
 from toast_core import app_state as S
+from toast_core import compare
 from toast_core.data.images import IMAGE_EXTENSIONS, ImageInputError
 from toast_core.data.scenes import SPLITS, TASKS
 from toast_core.viz import (
@@ -90,7 +91,7 @@ def pick_view(backbone) -> tuple[str, int, str | int]:
 
 def show_overlays(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, cmap: str) -> None:
     """The original image, then each module's overlay, with its prediction underneath."""
-    tiles = iter(S.overlay_tiles(image, views, alpha, cmap))
+    tiles = iter(compare.overlay_tiles(image, views, alpha, cmap))
     per_row = 4
     cells = [("image", image.rgb, f"{image.name}" + (f" · true: {image.true_label}" if image.true_label else ""))]
     for mv in views:
@@ -168,7 +169,7 @@ def show_export(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, c
     if not any(mv.view is not None for mv in views):
         return
     c1, c2 = st.columns(2)
-    c1.download_button("Download PNG", S.comparison_png_bytes(image, views, alpha, cmap),
+    c1.download_button("Download PNG", compare.comparison_png_bytes(image, views, alpha=alpha, cmap=cmap),
                        file_name=f"comparison_{view}.png", mime="image/png", key="ex_png")
     c2.download_button("Download CSV (maps)", S.views_csv_bytes(views),
                        file_name=f"comparison_{view}.csv", mime="text/csv", key="ex_csv")

@@ -175,17 +175,6 @@ def focus_table(
     ]
 
 
-def overlay_tiles(image: ImageChoice, views: Sequence[ModuleView], alpha: float, cmap: str) -> list[np.ndarray]:
-    """Overlays of every available map on the original image, one shared normalisation."""
-    return compare.overlay_tiles(image, views, alpha, cmap)
-
-
-def comparison_png_bytes(image: ImageChoice, views: Sequence[ModuleView], alpha: float, cmap: str) -> bytes:
-    """The image and each module's overlay, labelled with module and prediction, as PNG bytes (the
-    same picture as `python -m toast_core compare --out`)."""
-    return compare.comparison_png_bytes(image, views, alpha=alpha, cmap=cmap)
-
-
 def views_csv_bytes(views: Sequence[ModuleView]) -> bytes:
     """Every map as CSV rows (view, method, layer, head, image, row, col, value), one header."""
     with tempfile.TemporaryDirectory() as tmp:
