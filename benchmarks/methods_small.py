@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from toast_core.attention import area_share, cls_view, focus_share  # noqa: E402
+from toast_core.attention import cls_view, focus_summary  # noqa: E402
 from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone  # noqa: E402
 from toast_core.data.base import LabeledImages  # noqa: E402
 from toast_core.methods import build_method, method_names  # noqa: E402
@@ -115,19 +115,16 @@ def load_splits(task: str, smoke: bool, per_class: int, seed: int) -> dict[str, 
 # --- one method ------------------------------------------------------------------------------------
 def score_split(method: SteeringMethod, data: LabeledImages, batch_size: int = 64) -> dict[str, float]:
     """Accuracy and attention focus on the deciding-object masks, from one forward per batch."""
-    correct, shares, areas = 0, [], []
+    correct, maps = 0, []
     for start in range(0, len(data), batch_size):
         images = data.images[start : start + batch_size]
         view = cls_view(method, prepare_batch(method, images), layer=-1, head="mean")
         correct += int((torch.from_numpy(view.pred) == data.labels[start : start + batch_size]).sum())
-        if data.masks is not None:
-            masks = data.masks[start : start + batch_size]
-            shares.append(np.atleast_1d(focus_share(view.map, masks)))
-            areas.append(np.atleast_1d(area_share(masks, view.grid)))
+        maps.append(view.map)
     out = {"test_acc": correct / max(len(data), 1)}
-    if shares:
-        focus, area = float(np.concatenate(shares).mean()), float(np.concatenate(areas).mean())
-        out.update(focus=focus, area=area, focus_ratio=focus / area if area > 0 else float("nan"))
+    if data.masks is not None:
+        focus = focus_summary(np.concatenate(maps), data.masks)
+        out.update(focus=focus["focus_share"], area=focus["area_share"], focus_ratio=focus["focus_ratio"])
     return out
 
 

@@ -785,3 +785,21 @@ def focus_metrics(
         "pointing_game": pointing_game(attn, region, image_size),
         "entropy": entropy(attn),
     }
+
+
+def focus_summary(
+    attn: AttentionView | np.ndarray | Tensor, region: Region, image_size: tuple[int, int] | None = None
+) -> dict[str, float]:
+    """One number per score for a set of maps on their regions (B, gh, gw) vs (B, H, W): mean focus
+    share, mean area share (chance), focus ratio and pointing-game rate. The ratio is of the means,
+    not a mean of per-image ratios, so one image with a tiny mask cannot dominate the score; every
+    table and card in the lab reports this same statistic."""
+    scores = focus_metrics(attn, region, image_size)
+    share = float(np.mean(scores["focus_share"]))
+    area = float(np.mean(scores["area_share"]))
+    return {
+        "focus_share": share,
+        "area_share": area,
+        "focus_ratio": share / area if area > 0 else float("nan"),
+        "pointing_game": float(np.mean(scores["pointing_game"])),
+    }

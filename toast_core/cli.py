@@ -223,27 +223,19 @@ def evaluate_module(method: Any, data: Any, view: str = "cls", layer: int = -1, 
     mean focus share, mean area share (chance), focus ratio = their quotient, pointing-game rate."""
     import numpy as np
 
-    from toast_core.attention import compute_view, focus_metrics
+    from toast_core.attention import compute_view, focus_summary
     from toast_core.compare import view_kwargs
     from toast_core.train import evaluate, prepare_batch
 
     metrics: dict[str, Any] = dict(evaluate(method, data, batch_size))
     if data.masks is None:
         return metrics
-    shares, areas, hits = [], [], []
     kwargs = view_kwargs(view, layer, "mean")
-    for start in range(0, len(data), batch_size):
-        images = data.images[start : start + batch_size]
-        masks = data.masks[start : start + batch_size].cpu().numpy()
-        v = compute_view(view, method, prepare_batch(method, images), **kwargs)
-        m = focus_metrics(v, masks)
-        shares.append(np.atleast_1d(m["focus_share"]))
-        areas.append(np.atleast_1d(m["area_share"]))
-        hits.append(np.atleast_1d(m["pointing_game"]))
-    share, area = float(np.concatenate(shares).mean()), float(np.concatenate(areas).mean())
-    metrics.update(view=view, focus_share=share, area_share=area,
-                   focus_ratio=share / area if area > 0 else float("nan"),
-                   pointing_game=float(np.concatenate(hits).mean()))
+    maps = [
+        compute_view(view, method, prepare_batch(method, data.images[start : start + batch_size]), **kwargs).map
+        for start in range(0, len(data), batch_size)
+    ]
+    metrics.update(view=view, **focus_summary(np.concatenate(maps), data.masks.cpu().numpy()))
     return metrics
 
 

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import torch
 
+from toast_core.attention import focus_summary
 from toast_core.backbone import EMBEDDED_CARD, Backbone, load_backbone
 from toast_core.data.base import to_model_input
 from toast_core.data.scenes import TASKS, make_task_split, source_batch
@@ -39,17 +40,10 @@ def _last_layer_cls_map(backbone: Backbone, images: torch.Tensor, batch: int = 1
     return torch.cat(maps)
 
 
-def mask_to_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Pixel masks (N, H, W) -> fraction of each patch covered, (N, gh, gw)."""
-    return torch.nn.functional.adaptive_avg_pool2d(masks.float()[:, None], grid)[:, 0]
-
-
-def focus_stats(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
-    """Mean attention share on the mask, mean area share, and their ratio."""
-    frac = mask_to_grid(masks, tuple(maps.shape[-2:]))
-    share = (maps * frac).flatten(1).sum(1) / maps.flatten(1).sum(1).clamp_min(1e-12)
-    area = frac.flatten(1).mean(1)
-    return {"focus_share": float(share.mean()), "area_share": float(area.mean()), "focus_ratio": float(share.mean() / area.mean())}
+def _focus(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """The card's three focus numbers (attention.focus_summary)."""
+    summary = focus_summary(maps, masks)
+    return {k: summary[k] for k in ("focus_share", "area_share", "focus_ratio")}
 
 
 def source_quality(backbone: Backbone, n: int, seed: int) -> dict[str, float]:
@@ -59,7 +53,7 @@ def source_quality(backbone: Backbone, n: int, seed: int) -> dict[str, float]:
         for i in range(0, n, 128):
             x = to_model_input(images[i : i + 128].to(backbone.device), layout.mean, layout.std, layout.img_size)
             scores.append(backbone.model(x).sigmoid().cpu())
-    stats = focus_stats(_last_layer_cls_map(backbone, images), masks)
+    stats = _focus(_last_layer_cls_map(backbone, images), masks)
     return {"map": mean_average_precision(torch.cat(scores), targets), **stats}
 
 
@@ -75,7 +69,7 @@ def probe_quality(backbone: Backbone, task: str, per_class: int, seed: int, step
     config = TrainConfig(steps=steps, batch_size=64, lr=3e-3, weight_decay=1e-4, warmup_steps=10, seed=seed, eval_every=0)
     train(method, train_set, None, config)
     metrics = evaluate(method, test_set, batch_size=128)
-    stats = focus_stats(_last_layer_cls_map(backbone, test_set.images), test_set.masks)
+    stats = _focus(_last_layer_cls_map(backbone, test_set.images), test_set.masks)
     return {"probe_acc": float(metrics["acc"]), **stats}
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from toast_core.attention import ViewUnavailable, compute_view, focus_metrics
+from toast_core.attention import ViewUnavailable, compute_view, focus_summary
 from toast_core.backbone import Backbone
 from toast_core.checkpoints import CheckpointError
 from toast_core.runs import RunError, RunManager
@@ -22,8 +22,9 @@ FOCUS_IMAGES = 16  # built-in test images per run for the benchmark's focus colu
 
 @st.cache_data(show_spinner="Measuring focus on built-in test scenes…", max_entries=256)
 def run_focus(backbone_key: tuple[str, str, str], run_id: str, stamp: float, task: str) -> float | None:
-    """Mean focus ratio (last-layer CLS attention on the deciding object / its area share) over
-    FOCUS_IMAGES built-in test scenes; None for tasks without masks."""
+    """Focus ratio (last-layer CLS attention on the deciding object over its area share, as
+    `attention.focus_summary` defines it for every table) on FOCUS_IMAGES built-in test scenes;
+    None for tasks without masks."""
     from toast_core.data.scenes import TASKS
 
     base_task = task.rsplit(":", 1)[-1] if task.startswith("episode:") else task
@@ -36,7 +37,7 @@ def run_focus(backbone_key: tuple[str, str, str], run_id: str, stamp: float, tas
     batch = torch.cat([model_input(backbone, img) for img in images])  # one forward, not 16
     view = compute_view("cls", method, batch, layer=-1, head="mean")
     masks = np.stack([img.mask for img in images])
-    return float(np.nanmean(focus_metrics(view, masks, images[0].size)["focus_ratio"]))
+    return focus_summary(view, masks, images[0].size)["focus_ratio"]
 
 
 def benchmark_rows(manager: RunManager, backbone: Backbone, with_focus: bool = True) -> list[dict[str, Any]]:
