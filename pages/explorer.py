@@ -132,7 +132,7 @@ def take_drawn_box(image_size: tuple[int, int]) -> None:
         st.session_state.update(ex_x0=box[0], ex_y0=box[1], ex_x1=box[2], ex_y1=box[3])
 
 
-def show_focus(image: S.ImageChoice, views: list[S.ModuleView]) -> None:
+def show_focus(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, cmap: str) -> None:
     h, w = image.size
     use_mask = image.mask is not None and st.toggle(
         "Use the scene's ground-truth mask (the deciding object)", value=True, key="ex_use_mask"
@@ -163,6 +163,10 @@ def show_focus(image: S.ImageChoice, views: list[S.ModuleView]) -> None:
         st.dataframe(rows, hide_index=True, width="stretch")
         st.caption("Focus share: attention mass inside the region; a uniform map scores the area share. "
                    "Focus ratio = share / area (1 = chance).")
+        drawn = [mv for mv in views if mv.view is not None]
+        tiles = compare.overlay_tiles(image, drawn, alpha, cmap, box=None if use_mask else region,
+                                      outline=region if use_mask else None)
+        st.image(tiles, caption=[mv.label for mv in drawn], width=150)
 
 
 def show_export(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, cmap: str, view: str) -> None:
@@ -217,7 +221,7 @@ def main() -> None:
     with tabs[2]:
         show_difference(views)
     with tabs[3]:
-        show_focus(image, views)
+        show_focus(image, views, alpha, cmap)
     with tabs[4]:
         labels = {mv.key: mv.label for mv in views}
         key = st.selectbox("Module", list(labels), format_func=lambda k: labels[k], key="ex_grid_module")

@@ -163,3 +163,22 @@ def test_box_picker_maps_image_pixels_to_axis_units() -> None:
     (rect,) = fig.layout.shapes
     assert (rect.x0, rect.y0, rect.x1, rect.y1) == (10, 20, 300, 400)
     assert viz.box_picker_figure(rgb, None).layout.shapes == ()
+
+
+def test_focus_region_is_drawn_on_every_overlay() -> None:
+    from toast_core.compare import BOX_COLOUR, ModuleView, overlay_tiles
+
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    view = AttentionView("cls", np.zeros((1, 4, 4), np.float32), None, "mean", "m", np.zeros(1, int), np.ones(1))
+    views = [ModuleView("a", "A", view), ModuleView("b", "B", None, error="no map"), ModuleView("c", "C", view)]
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 20:40] = True
+    outlined = overlay_tiles(rgb, views, alpha=0.0, outline=mask)
+    boxed = overlay_tiles(rgb, views, alpha=0.0, box=(20, 16, 39, 47))
+    assert len(outlined) == len(boxed) == 2  # one per module with a map
+    white = np.all(outlined[0] == BOX_COLOUR, axis=-1)
+    assert white[16, 30] and white[47, 30] and white[30, 20] and white[30, 39]  # the mask's border
+    assert not white[30, 30] and not white[5, 5]  # not its inside, not elsewhere
+    assert np.array_equal(white, np.all(boxed[1] == BOX_COLOUR, axis=-1))  # the same rectangle as a box
+    plain = overlay_tiles(rgb, views, alpha=0.0)[0]
+    assert np.array_equal(plain, overlay_tiles(rgb, views, alpha=0.0, outline=np.zeros_like(mask))[0])

@@ -238,18 +238,30 @@ def _draw_box(tile: np.ndarray, box: Sequence[float] | None) -> np.ndarray:
     return out
 
 
+def _draw_outline(tile: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The region's border (a pixel mask of the tile's size) in the box colour."""
+    if mask is None or not np.any(mask):
+        return tile
+    contours, _ = cv2.findContours(np.asarray(mask, np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.ascontiguousarray(tile.copy())
+    cv2.drawContours(out, contours, -1, BOX_COLOUR, max(1, round(min(out.shape[:2]) / 120)))
+    return out
+
+
 def overlay_tiles(
     image: ImageInput | np.ndarray,
     results: Sequence[ModuleView],
     alpha: float = 0.5,
     cmap: str = "jet",
     box: Sequence[float] | None = None,
+    outline: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """One overlay per module that has a map, all on ONE shared colour scale (global min/max)."""
+    """One overlay per module that has a map, all on ONE shared colour scale (global min/max),
+    with the focus region drawn on: a box (x0, y0, x1, y1) and/or a mask's outline."""
     rgb = image.rgb if isinstance(image, ImageInput) else image
     maps = [r.view for r in results if r.view is not None]
     tiles = overlays(rgb, maps, alpha=alpha, cmap=cmap) if maps else []
-    return [_draw_box(t, box) for t in tiles]
+    return [_draw_outline(_draw_box(t, box), outline) for t in tiles]
 
 
 def comparison_image(
