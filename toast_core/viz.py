@@ -8,7 +8,9 @@ PNG export composes with Pillow (no kaleido); plotly figures are for the app.
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -261,9 +263,6 @@ def box_picker_figure(
     Plotly only offers box selection over selectable points, so an invisible grid of markers covers
     the image; the selection's own x/y range is what `box_from_selection` reads, not the points.
     The image travels as a downscaled PNG (a 4000-px upload would otherwise be a JSON array)."""
-    import base64
-    import io
-
     h, w = int(rgb.shape[0]), int(rgb.shape[1])
     scale = min(1.0, display_side / max(h, w))
     shown = rgb if scale == 1.0 else cv2.resize(
