@@ -38,12 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from toast_core.attention import cls_view, focus_summary  # noqa: E402
+from toast_core.attention import focus_summary  # noqa: E402
 from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone  # noqa: E402
 from toast_core.data.base import LabeledImages  # noqa: E402
 from toast_core.methods import build_method, method_names  # noqa: E402
 from toast_core.methods.base import SteeringMethod  # noqa: E402
-from toast_core.train import TrainConfig, TrainResult, prepare_batch, train  # noqa: E402
+from toast_core.train import TrainConfig, TrainResult, train, view_over  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 HEADING = "## methods_small: every steering method on a built-in task"
@@ -115,15 +115,10 @@ def load_splits(task: str, smoke: bool, per_class: int, seed: int) -> dict[str, 
 # --- one method ------------------------------------------------------------------------------------
 def score_split(method: SteeringMethod, data: LabeledImages, batch_size: int = 64) -> dict[str, float]:
     """Accuracy and attention focus on the deciding-object masks, from one forward per batch."""
-    correct, maps = 0, []
-    for start in range(0, len(data), batch_size):
-        images = data.images[start : start + batch_size]
-        view = cls_view(method, prepare_batch(method, images), layer=-1, head="mean")
-        correct += int((torch.from_numpy(view.pred) == data.labels[start : start + batch_size]).sum())
-        maps.append(view.map)
-    out = {"test_acc": correct / max(len(data), 1)}
+    view = view_over(method, data.images, "cls", batch_size, layer=-1, head="mean")
+    out = {"test_acc": float((torch.from_numpy(view.pred) == data.labels).sum()) / max(len(data), 1)}
     if data.masks is not None:
-        focus = focus_summary(np.concatenate(maps), data.masks)
+        focus = focus_summary(view.map, data.masks)
         out.update(focus=focus["focus_share"], area=focus["area_share"], focus_ratio=focus["focus_ratio"])
     return out
 

@@ -221,21 +221,17 @@ def _eval_data(task: str, split: str, per_class: int, seed: int, size: int) -> A
 def evaluate_module(method: Any, data: Any, view: str = "cls", layer: int = -1, batch_size: int = 32) -> dict[str, Any]:
     """Accuracy (train.evaluate) and, when the data has masks, focus of `view` on the deciding object:
     mean focus share, mean area share (chance), focus ratio = their quotient, pointing-game rate."""
-    import numpy as np
 
-    from toast_core.attention import compute_view, focus_summary
+    from toast_core.attention import focus_summary
     from toast_core.compare import view_kwargs
-    from toast_core.train import evaluate, prepare_batch
+    from toast_core.train import evaluate, view_over
 
     metrics: dict[str, Any] = dict(evaluate(method, data, batch_size))
     if data.masks is None:
         return metrics
     kwargs = view_kwargs(view, layer, "mean")
-    maps = [
-        compute_view(view, method, prepare_batch(method, data.images[start : start + batch_size]), **kwargs).map
-        for start in range(0, len(data), batch_size)
-    ]
-    metrics.update(view=view, **focus_summary(np.concatenate(maps), data.masks.cpu().numpy()))
+    maps = view_over(method, data.images, view, batch_size, **kwargs).map
+    metrics.update(view=view, **focus_summary(maps, data.masks.cpu().numpy()))
     return metrics
 
 

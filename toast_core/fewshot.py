@@ -29,14 +29,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from toast_core.attention import AttentionView, area_share, cls_view, focus_share
+from toast_core.attention import AttentionView, focus_share, focus_summary
 from toast_core.backbone import Backbone
 from toast_core.data.base import LabeledImages
 from toast_core.data.episodes import Episode, episodes, sample_episode
@@ -50,7 +50,7 @@ from toast_core.methods.fort import (
     support_features,
 )
 from toast_core.methods.linear import LinearProbe
-from toast_core.train import TrainConfig, prepare_batch, train
+from toast_core.train import TrainConfig, prepare_batch, train, view_over
 
 HEAD_INITS = ("ridge", "random")
 OFFICIAL_WAYS = 20
@@ -258,32 +258,18 @@ def _head_only(method: SteeringMethod, shared: bool) -> bool:
     return type(method) is LinearProbe and shared and method.head.weight.device.type == "cpu"
 
 
-def query_view(method: SteeringMethod, query: LabeledImages, batch_size: int = 64) -> AttentionView:
-    """Last-layer head-mean CLS attention and predictions of every query image (batched forwards)."""
-    views = [
-        cls_view(method, prepare_batch(method, query.images[i : i + batch_size]), layer=-1, head="mean")
-        for i in range(0, len(query), batch_size)
-    ]
-    if len(views) == 1:
-        return views[0]
-    cat = np.concatenate
-    return replace(views[0], map=cat([v.map for v in views]), pred=cat([v.pred for v in views]),
-                   conf=cat([v.conf for v in views]))
-
-
 def score_view(view: AttentionView, query: LabeledImages) -> tuple[float, float | None, float | None]:
     """Accuracy and (with masks) mean focus share / area share of a query view."""
     acc = float((view.pred == query.labels.numpy()).sum()) / max(len(query), 1)
     if query.masks is None:
         return acc, None, None
-    focus = np.atleast_1d(focus_share(view.map, query.masks))
-    area = np.atleast_1d(area_share(query.masks, view.grid))
-    return acc, float(np.mean(focus)), float(np.mean(area))
+    focus = focus_summary(view.map, query.masks)
+    return acc, focus["focus_share"], focus["area_share"]
 
 
 def score_queries(method: SteeringMethod, query: LabeledImages, batch_size: int = 64) -> tuple[float, float | None, float | None]:
     """Accuracy and (with masks) mean focus share / area share of last-layer CLS attention, one forward."""
-    return score_view(query_view(method, query, batch_size), query)
+    return score_view(view_over(method, query.images, "cls", batch_size, layer=-1, head="mean"), query)
 
 
 def tune_episode(
@@ -322,7 +308,7 @@ def tune_episode(
     if steps > 0:
         features = cache.features if _head_only(method, shared) else None
         loss = float(train(method, episode.support, None, tc, features=features).final.get("train_loss", float("nan")))
-    view = query_view(method, episode.query, config.eval_batch_size)
+    view = view_over(method, episode.query.images, "cls", config.eval_batch_size, layer=-1, head="mean")
     acc, focus, area = score_view(view, episode.query)
     result = EpisodeResult(
         label=spec.label,
@@ -437,7 +423,6 @@ __all__ = [
     "mean_ci95",
     "official_n_way",
     "paired_difference",
-    "query_view",
     "run_episode",
     "run_episodes",
     "score_queries",

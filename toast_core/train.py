@@ -14,7 +14,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toast_core.attention import cls_view
+from toast_core.attention import AttentionView, cls_view, compute_view
 from toast_core.data.base import LabeledImages, to_model_input
 from toast_core.device import pick_device
 from toast_core.methods.base import MethodOutput, SteeringMethod, seed_global
@@ -293,6 +293,24 @@ def predict(
     finally:
         method.train(was_training)
     return torch.cat(outs) if outs else torch.empty(0, method.num_classes)
+
+
+def view_over(
+    method: SteeringMethod, images: Tensor, view: str = "cls", batch_size: int = 64, **options: Any
+) -> AttentionView:
+    """One attention view (maps, predictions, confidences) of many uint8 images, in batches."""
+    views = [
+        compute_view(view, method, prepare_batch(method, images[i : i + batch_size]), **options)
+        for i in range(0, len(images), batch_size)
+    ]
+    if len(views) == 1:
+        return views[0]
+    return replace(
+        views[0],
+        map=np.concatenate([v.map for v in views]),
+        pred=np.concatenate([v.pred for v in views]),
+        conf=np.concatenate([v.conf for v in views]),
+    )
 
 
 # --- training -------------------------------------------------------------------------------------
