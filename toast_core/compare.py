@@ -29,7 +29,7 @@ from toast_core.data.base import to_model_input
 from toast_core.data.images import load_image, resize_for_model
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
-from toast_core.viz import compose_grid, overlays, view_to_csv
+from toast_core.viz import compose_grid, draw_outline, overlays, view_to_csv
 
 BASE_KEY = "base"
 SCENE_PREFIX = "scene:"
@@ -238,16 +238,6 @@ def _draw_box(tile: np.ndarray, box: Sequence[float] | None) -> np.ndarray:
     return out
 
 
-def _draw_outline(tile: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """The region's border (a pixel mask of the tile's size) in the box colour."""
-    if mask is None or not np.any(mask):
-        return tile
-    contours, _ = cv2.findContours(np.asarray(mask, np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    out = np.ascontiguousarray(tile.copy())
-    cv2.drawContours(out, contours, -1, BOX_COLOUR, max(1, round(min(out.shape[:2]) / 120)))
-    return out
-
-
 def overlay_tiles(
     image: ImageInput | np.ndarray,
     results: Sequence[ModuleView],
@@ -261,7 +251,7 @@ def overlay_tiles(
     rgb = image.rgb if isinstance(image, ImageInput) else image
     maps = [r.view for r in results if r.view is not None]
     tiles = overlays(rgb, maps, alpha=alpha, cmap=cmap) if maps else []
-    return [_draw_outline(_draw_box(t, box), outline) for t in tiles]
+    return [draw_outline(_draw_box(t, box), outline, BOX_COLOUR) for t in tiles]
 
 
 def comparison_image(

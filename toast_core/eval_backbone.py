@@ -23,7 +23,7 @@ from toast_core.data.base import to_model_input
 from toast_core.data.scenes import TASKS, make_task_split, source_batch
 from toast_core.forward import Capture, steered_forward
 from toast_core.pretrain import mean_average_precision
-from toast_core.viz import compose_grid, normalise_maps, overlay
+from toast_core.viz import compose_grid, draw_outline, normalise_maps, overlay
 
 FIGURE = Path(__file__).resolve().parent.parent / "assets" / "embedded_scenes.png"
 
@@ -75,10 +75,7 @@ def probe_quality(backbone: Backbone, task: str, per_class: int, seed: int, step
 
 def _mask_tile(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The image dimmed outside the mask, with the mask's outline drawn, so masks can be checked by eye."""
-    tile = np.where(mask[..., None], image, (image * 0.3).astype(np.uint8)).copy()
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(tile, contours, -1, (255, 255, 255), 1)
-    return tile
+    return draw_outline(np.where(mask[..., None], image, (image * 0.3).astype(np.uint8)), mask)
 
 
 def quality_figure(backbone: Backbone, path: Path = FIGURE, per_row: int = 2, tile: int = 192) -> Path:

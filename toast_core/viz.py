@@ -151,6 +151,19 @@ def overlays(
     return [overlay(image, m, **kwargs) for m in normalise_maps(maps, per_map, threshold, index)]  # type: ignore[arg-type]
 
 
+def draw_outline(
+    tile: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int] = (255, 255, 255)
+) -> np.ndarray:
+    """A copy of `tile` with the border of `mask` (a pixel mask of the tile's size) drawn on; the
+    line thickens with the tile so it stays visible on large images."""
+    if mask is None or not np.any(mask):
+        return tile
+    contours, _ = cv2.findContours(np.asarray(mask, np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.ascontiguousarray(tile.copy())
+    cv2.drawContours(out, contours, -1, colour, max(1, round(min(out.shape[:2]) / 120)))
+    return out
+
+
 # --- plotly figures -----------------------------------------------------------------------------
 
 
