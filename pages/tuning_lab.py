@@ -14,6 +14,7 @@ from toast_core import app_state as S
 from toast_core.data.folder import ImageFolderError
 from toast_core.data.scenes import TASKS
 from toast_core.data.zip_import import ZipImportError
+from toast_core.methods import method_names
 from toast_core.runs import ACTIVE_STATES, RunError, RunStatus
 from toast_core.viz import heatmap_image, normalise_maps, overlay
 
@@ -124,7 +125,7 @@ def task_settings(size: int) -> dict[str, Any] | None:
 
 def new_run_form(backbone, manager) -> None:
     st.subheader("New run")
-    methods = S.tunable_methods()
+    methods = method_names()
     method = st.selectbox("Method", methods, index=methods.index("lora") if "lora" in methods else 0, key="tl_method")
     st.caption(S.describe_method(method))
     if S.needs_episode_prompts(method):

@@ -89,7 +89,6 @@ from .tuning import (
     probe_image,
     run_snapshot,
     submit_run,
-    tunable_methods,
 )
 
 __all__ = [
@@ -105,5 +104,5 @@ __all__ = [
     "position_prompts", "preset", "probe_image", "require_backbone", "run_focus", "run_label",
     "run_manager", "run_module", "run_snapshot", "runs_root", "save_weights_upload", "scene_image",
     "set_active_spec", "shared_backbone", "shipped_modules", "spec_from_env", "submit_run",
-    "tunable_methods", "try_backbone", "views_csv_bytes", "warm_up",
+    "try_backbone", "views_csv_bytes", "warm_up",
 ]

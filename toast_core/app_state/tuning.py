@@ -108,10 +108,6 @@ def needs_episode_prompts(name: str) -> bool:
     return issubclass(method_class(name), FortMixin)
 
 
-def tunable_methods() -> list[str]:
-    return method_names()
-
-
 def submit_run(manager: RunManager, **config: Any) -> str:
     """Build and submit a RunConfig; ValueError / RunError carry messages for the user."""
     return manager.submit(RunConfig(**config))
