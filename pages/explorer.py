@@ -89,9 +89,9 @@ def pick_view(backbone) -> tuple[str, int, str | int]:
     return view, int(layer), head
 
 
-def show_overlays(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, cmap: str) -> None:
+def show_overlays(image: S.ImageChoice, views: list[S.ModuleView], overlays: list[np.ndarray]) -> None:
     """The original image, then each module's overlay, with its prediction underneath."""
-    tiles = iter(compare.overlay_tiles(image, views, alpha, cmap))
+    tiles = iter(overlays)
     per_row = 4
     cells = [("image", image.rgb, f"{image.name}" + (f" · true: {image.true_label}" if image.true_label else ""))]
     for mv in views:
@@ -132,7 +132,7 @@ def take_drawn_box(image_size: tuple[int, int]) -> None:
         st.session_state.update(ex_x0=box[0], ex_y0=box[1], ex_x1=box[2], ex_y1=box[3])
 
 
-def show_focus(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, cmap: str) -> None:
+def show_focus(image: S.ImageChoice, views: list[S.ModuleView], overlays: list[np.ndarray]) -> None:
     h, w = image.size
     use_mask = image.mask is not None and st.toggle(
         "Use the scene's ground-truth mask (the deciding object)", value=True, key="ex_use_mask"
@@ -163,10 +163,8 @@ def show_focus(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, cm
         st.dataframe(rows, hide_index=True, width="stretch")
         st.caption("Focus share: attention mass inside the region; a uniform map scores the area share. "
                    "Focus ratio = share / area (1 = chance).")
-        drawn = [mv for mv in views if mv.view is not None]
-        tiles = compare.overlay_tiles(image, drawn, alpha, cmap, box=None if use_mask else region,
-                                      outline=region if use_mask else None)
-        st.image(tiles, caption=[mv.label for mv in drawn], width=150)
+        tiles = compare.mark_region(overlays, box=None if use_mask else region, outline=region if use_mask else None)
+        st.image(tiles, caption=[mv.label for mv in views if mv.view is not None], width=150)
 
 
 def show_export(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, cmap: str, view: str) -> None:
@@ -205,9 +203,10 @@ def main() -> None:
     st.caption(f"Compared {rendered} module{'' if rendered == 1 else 's'} on {image.name} · "
                f"{next(k for k, v in S.VIEW_LABELS.items() if v == view)}")
 
+    overlays = compare.overlay_tiles(image, views, alpha, cmap)  # once: two tabs show them
     tabs = st.tabs(["Overlays", "Heat maps", "Difference", "Focus", "Layers × heads", "Export"])
     with tabs[0]:
-        show_overlays(image, views, alpha, cmap)
+        show_overlays(image, views, overlays)
     with tabs[1]:
         usable = [mv.view for mv in views if mv.view is not None]
         if usable:
@@ -221,7 +220,7 @@ def main() -> None:
     with tabs[2]:
         show_difference(views)
     with tabs[3]:
-        show_focus(image, views, alpha, cmap)
+        show_focus(image, views, overlays)
     with tabs[4]:
         labels = {mv.key: mv.label for mv in views}
         key = st.selectbox("Module", list(labels), format_func=lambda k: labels[k], key="ex_grid_module")

@@ -251,6 +251,13 @@ def overlay_tiles(
     rgb = image.rgb if isinstance(image, ImageInput) else image
     maps = [r.view for r in results if r.view is not None]
     tiles = overlays(rgb, maps, alpha=alpha, cmap=cmap) if maps else []
+    return mark_region(tiles, box, outline)
+
+
+def mark_region(
+    tiles: Sequence[np.ndarray], box: Sequence[float] | None = None, outline: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Copies of overlay tiles with the focus region drawn on (no overlay is recomputed)."""
     return [draw_outline(_draw_box(t, box), outline, BOX_COLOUR) for t in tiles]
 
 
