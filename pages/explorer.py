@@ -170,10 +170,11 @@ def show_focus(image: S.ImageChoice, views: list[S.ModuleView], overlays: list[n
 def show_export(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, cmap: str, view: str) -> None:
     if not any(mv.view is not None for mv in views):
         return
+    # built when clicked, not on every rerun: a large upload's PNG takes seconds and megabytes
     c1, c2 = st.columns(2)
-    c1.download_button("Download PNG", compare.comparison_png_bytes(image, views, alpha=alpha, cmap=cmap),
+    c1.download_button("Download PNG", lambda: compare.comparison_png_bytes(image, views, alpha=alpha, cmap=cmap),
                        file_name=f"comparison_{view}.png", mime="image/png", key="ex_png")
-    c2.download_button("Download CSV (maps)", S.views_csv_bytes(views),
+    c2.download_button("Download CSV (maps)", lambda: S.views_csv_bytes(views),
                        file_name=f"comparison_{view}.csv", mime="text/csv", key="ex_csv")
 
 

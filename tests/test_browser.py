@@ -101,6 +101,13 @@ def test_upload_compare_tune_and_see_the_new_module(browser_page) -> None:
     wait_text(page, f"Box ({typed['x0']}, {typed['y0']})–({typed['x1']}, {typed['y1']})", SLOW)
     shot(page, "explorer_focus_box")
 
+    # Export: the PNG is built when the button is clicked, and it is a real PNG
+    page.get_by_role("tab", name="Export").click()
+    with page.expect_download(timeout=SLOW * 1000) as download:
+        page.get_by_role("button", name="Download PNG").click()
+    assert download.value.suggested_filename == "comparison_cls.png"
+    assert Path(download.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     # Tuning Lab: a tiny run is queued, trains in the background and finishes
     page.goto(f"{server.url}/tuning_lab")
     page.get_by_role("button", name="Submit run").wait_for()
