@@ -8,7 +8,7 @@ Columns: test accuracy, trainable parameters (and % of the backbone), train-step
 peak memory during training (CUDA allocator peak, or growth of the process RSS on CPU), and focus:
 the share of the last-layer CLS attention (head mean, patch tokens only) that falls on the
 deciding object's mask, with the mask resized to the patch grid as an area share per patch
-(`attention.focus_share`); focus ratio = mean focus / mean mask area share (1 = chance).
+(`views.focus_share`); focus ratio = mean focus / mean mask area share (1 = chance).
 
 Budget: <= 10 minutes per task on 2 CPU cores. The embedded ViT (96 px, patch 8 -> 145 tokens,
 width 192, 6 blocks) costs ~0.9 GFLOP per image forward, ~20 ms on 2 cores; a training step that
@@ -38,12 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from toast_core.attention import focus_summary  # noqa: E402
 from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone  # noqa: E402
 from toast_core.data.base import LabeledImages  # noqa: E402
 from toast_core.methods import build_method, method_names  # noqa: E402
 from toast_core.methods.base import SteeringMethod  # noqa: E402
 from toast_core.train import TrainConfig, TrainResult, train, view_over  # noqa: E402
+from toast_core.views import focus_summary  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 HEADING = "## methods_small: every steering method on a built-in task"

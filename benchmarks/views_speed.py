@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toast_core import attention as A  # noqa: E402
+from toast_core import views as A  # noqa: E402
 from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone  # noqa: E402
 from toast_core.methods.base import MethodConfig, SteeringMethod  # noqa: E402
 

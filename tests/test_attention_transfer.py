@@ -170,7 +170,7 @@ def test_distill_gradient_pulls_student_maps_to_the_teachers(sharp: Backbone, x:
 @pytest.mark.parametrize("name", ["attn_copy", "attn_distill", "scratch", "fort_full", "fort_lora", "fort_bitfit"])
 def test_checkpoint_round_trip_and_views(fixture_backbone: Backbone, x: torch.Tensor, tmp_path, name: str) -> None:
     """The new methods save/load through the card format and every view they list works."""
-    from toast_core import attention as A
+    from toast_core import views as A
     from toast_core.checkpoints import load_module, save_module
 
     method = build_method(name, fixture_backbone, 3, {"seed": 5}).eval()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from toast_core.attention import focus_summary
 from toast_core.backbone import tiny_fixture_backbone
 from toast_core.eval_backbone import quality_figure
+from toast_core.views import focus_summary
 
 
 def test_focus_summary_ratio_is_of_the_means() -> None:

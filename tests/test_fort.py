@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from toast_core.attention import focus_share
 from toast_core.backbone import Backbone, tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
 from toast_core.fewshot import (
@@ -35,6 +34,7 @@ from toast_core.methods.fort import (
     ridge_head,
 )
 from toast_core.train import TrainConfig, prepare_batch, train
+from toast_core.views import focus_share
 
 
 def squares(n_classes: int = 3, per_class: int = 4, size: int = 32, seed: int = 0) -> LabeledImages:

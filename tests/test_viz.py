@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from toast_core import viz
-from toast_core.attention import AttentionView, cls_view
 from toast_core.backbone import tiny_fixture_backbone
 from toast_core.methods.base import SteeringMethod
+from toast_core.views import AttentionView, cls_view
 
 H, W = 100, 150  # original image; the model sees 32 × 32 (4 × 4 patches of 8 px)
 SQUARE = (slice(28, 47), slice(80, 108))  # inside patch (1, 2): rows 25..50, cols 75..112.5

@@ -222,9 +222,9 @@ def evaluate_module(method: Any, data: Any, view: str = "cls", layer: int = -1, 
     """Accuracy (train.evaluate) and, when the data has masks, focus of `view` on the deciding object:
     mean focus share, mean area share (chance), focus ratio = their quotient, pointing-game rate."""
 
-    from toast_core.attention import focus_summary
     from toast_core.compare import view_kwargs
     from toast_core.train import evaluate, view_over
+    from toast_core.views import focus_summary
 
     metrics: dict[str, Any] = dict(evaluate(method, data, batch_size))
     if data.masks is None:
@@ -500,13 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user: one line, no traceback."""
-    from toast_core.attention import ViewUnavailable
     from toast_core.backbone import BackboneError
     from toast_core.bundles import BundleError
     from toast_core.checkpoints import CheckpointError
     from toast_core.data.images import ImageInputError
     from toast_core.data.zip_import import ZipImportError
     from toast_core.runs import RunError
+    from toast_core.views import ViewUnavailable
 
     return (BackboneError, BundleError, CheckpointError, ImageInputError, ZipImportError, RunError,
             ViewUnavailable, ValueError, KeyError, OSError, TimeoutError)

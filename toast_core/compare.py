@@ -2,8 +2,8 @@
 
 The CLI (`python -m toast_core compare`), the Gradio demo and bundle figures all answer the same
 question — "where does each module look on this image?" — so they share this one path: image in,
-`attention.compute_view` per module (the one steered forward), `viz.overlays` with ONE shared
-normalisation across modules (so colours compare), focus scores from `attention.focus_metrics`.
+`views.compute_view` per module (the one steered forward), `viz.overlays` with ONE shared
+normalisation across modules (so colours compare), focus scores from `views.focus_metrics`.
 Nothing here imports Streamlit, so headless tools and the Spaces demo can use it.
 """
 
@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from toast_core.attention import VIEWS as VIEW_FUNCTIONS
-from toast_core.attention import AttentionView, ViewUnavailable, compute_view, focus_metrics, method_label
 from toast_core.backbone import Backbone
 from toast_core.data.base import to_model_input
 from toast_core.data.images import load_image, resize_for_model
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
+from toast_core.views import VIEWS as VIEW_FUNCTIONS
+from toast_core.views import AttentionView, ViewUnavailable, compute_view, focus_metrics, method_label
 from toast_core.viz import compose_grid, draw_outline, overlays, view_to_csv
 
 BASE_KEY = "base"

@@ -17,12 +17,12 @@ import cv2
 import numpy as np
 import torch
 
-from toast_core.attention import focus_summary
 from toast_core.backbone import EMBEDDED_CARD, Backbone, load_backbone
 from toast_core.data.base import to_model_input
 from toast_core.data.scenes import TASKS, make_task_split, source_batch
 from toast_core.forward import Capture, steered_forward
 from toast_core.pretrain import mean_average_precision
+from toast_core.views import focus_summary
 from toast_core.viz import compose_grid, draw_outline, normalise_maps, overlay
 
 FIGURE = Path(__file__).resolve().parent.parent / "assets" / "embedded_scenes.png"
@@ -41,7 +41,7 @@ def _last_layer_cls_map(backbone: Backbone, images: torch.Tensor, batch: int = 1
 
 
 def _focus(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
-    """The card's three focus numbers (attention.focus_summary)."""
+    """The card's three focus numbers (views.focus_summary)."""
     summary = focus_summary(maps, masks)
     return {k: summary[k] for k in ("focus_share", "area_share", "focus_ratio")}
 

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from toast_core.attention import AttentionView, focus_share, focus_summary
 from toast_core.backbone import Backbone
 from toast_core.data.base import LabeledImages
 from toast_core.data.episodes import Episode, episodes, sample_episode
@@ -51,6 +50,7 @@ from toast_core.methods.fort import (
 )
 from toast_core.methods.linear import LinearProbe
 from toast_core.train import TrainConfig, prepare_batch, train, view_over
+from toast_core.views import AttentionView, focus_share, focus_summary
 
 HEAD_INITS = ("ridge", "random")
 OFFICIAL_WAYS = 20

@@ -11,7 +11,7 @@ Explorer's choices.
 Heavy objects (backbone, loaded modules, the run manager) live in one `DemoContext` per demo,
 shared by all sessions and keyed by ids; `gr.State` holds only this session's run ids (strings),
 so Gradio never deep-copies a model per session. Everything is computed by the library
-(`compare.py` → `attention.py` / `viz.py`, `runs.py`, `checkpoints.py`); this file is widgets.
+(`compare.py` → `views/` / `viz.py`, `runs.py`, `checkpoints.py`); this file is widgets.
 """
 
 from __future__ import annotations
@@ -284,10 +284,10 @@ def _user_error(exc: Exception) -> Exception:
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
-    from toast_core.attention import ViewUnavailable
     from toast_core.checkpoints import CheckpointError
     from toast_core.data.images import ImageInputError
     from toast_core.runs import RunError
+    from toast_core.views import ViewUnavailable
 
     return (ValueError, KeyError, CheckpointError, ImageInputError, RunError, ViewUnavailable)
 

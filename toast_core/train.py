@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toast_core.attention import AttentionView, cls_view, compute_view
 from toast_core.data.base import LabeledImages, to_model_input
 from toast_core.device import pick_device
 from toast_core.methods.base import MethodOutput, SteeringMethod, seed_global
+from toast_core.views import AttentionView, cls_view, compute_view
 
 #: (step, batch_size, generator) -> (uint8 images (B, 3, H, W), targets (B,) long or (B, C) float)
 BatchSource = Callable[[int, int, torch.Generator], tuple[Tensor, Tensor]]
@@ -147,7 +147,7 @@ def correct_count(logits: Tensor, targets: Tensor) -> int:
 def cls_attention_grid(method: SteeringMethod, images: Tensor) -> np.ndarray:
     """Last-layer CLS attention, head mean, over the patch tokens, (B, gh, gw) float32, for uint8 images.
 
-    The app's own CLS view (`attention.cls_view`: the method's steered forward with
+    The app's own CLS view (`views.cls_view`: the method's steered forward with
     `Capture(cls_attn=[-1])`, in eval mode, prompts excluded), so snapshots match what pages show.
     """
     return cls_view(method, prepare_batch(method, images), layer=-1, head="mean").map

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from plotly.subplots import make_subplots
 
-from toast_core.attention import AttentionView
+from toast_core.views import AttentionView
 
 COLORMAPS: dict[str, int] = {
     "jet": cv2.COLORMAP_JET,

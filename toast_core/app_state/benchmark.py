@@ -8,10 +8,10 @@ import numpy as np
 import streamlit as st
 import torch
 
-from toast_core.attention import ViewUnavailable, compute_view, focus_summary
 from toast_core.backbone import Backbone
 from toast_core.checkpoints import CheckpointError
 from toast_core.runs import RunError, RunManager
+from toast_core.views import ViewUnavailable, compute_view, focus_summary
 
 from .explorer import model_input, scene_image
 from .session import _cached_backbone, _cached_run_module, active_spec, runs_root
@@ -23,7 +23,7 @@ FOCUS_IMAGES = 16  # built-in test images per run for the benchmark's focus colu
 @st.cache_data(show_spinner="Measuring focus on built-in test scenes…", max_entries=256)
 def run_focus(backbone_key: tuple[str, str, str], run_id: str, stamp: float, task: str) -> float | None:
     """Focus ratio (last-layer CLS attention on the deciding object over its area share, as
-    `attention.focus_summary` defines it for every table) on FOCUS_IMAGES built-in test scenes;
+    `views.focus_summary` defines it for every table) on FOCUS_IMAGES built-in test scenes;
     None for tasks without masks."""
     from toast_core.data.scenes import TASKS
 

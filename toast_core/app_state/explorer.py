@@ -21,12 +21,12 @@ import streamlit as st
 import torch
 
 from toast_core import compare
-from toast_core.attention import AttentionView, ViewUnavailable, cls_maps, compute_view, difference_view
 from toast_core.backbone import Backbone
 from toast_core.checkpoints import CheckpointError
 from toast_core.data.images import load_image
 from toast_core.methods.base import SteeringMethod
 from toast_core.runs import RunError
+from toast_core.views import AttentionView, ViewUnavailable, cls_maps, compute_view, difference_view
 
 from .session import BASE_KEY, MAX_IMAGE_MB, active_spec, module_for, module_stamp
 
@@ -60,7 +60,7 @@ def model_input(backbone: Backbone, image: ImageChoice) -> torch.Tensor:
 
 # --- views ---------------------------------------------------------------------------------------
 TOAST_PASSES = "toast_passes"  # one page view = the library's toast_pass1 and toast_pass2, side by side
-#: UI label -> attention view name (toast_core.attention.VIEWS, plus TOAST_PASSES)
+#: UI label -> attention view name (toast_core.views.VIEWS, plus TOAST_PASSES)
 VIEW_LABELS: dict[str, str] = {
     "CLS attention": "cls",
     "Attention rollout": "rollout",

@@ -57,8 +57,8 @@ def position_prompts(backbone: Backbone, episode: Any, episode_key: str, lam: fl
                      head_agg: str, weights: str, keep_top: float = 0.1) -> dict[str, Any]:
     """FORT's importance (S, gh, gw) and position prompts (S, gh, gw) of every support image, and the
     share of each prompt's mass on the deciding object when the data has masks."""
-    from toast_core.attention import focus_share
     from toast_core.methods.fort import prompt_targets
+    from toast_core.views import focus_share
 
     imp = _importance(active_spec().key, episode_key, float(lam), head_agg, float(keep_top), episode)
     targets = prompt_targets(torch.from_numpy(imp), int(prompt_patches), weights).reshape(imp.shape).numpy()

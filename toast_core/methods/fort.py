@@ -1,7 +1,7 @@
 """FORT (Wang et al., NeurIPS 2023): position prompts that make few-shot fine-tuning look at the key object.
 
 Per episode, before tuning, each support image gets a *position prompt*: the top-P patches of its
-gradient-rollout importance (methods.md §6; `toast_core.attention.gradient_rollout` computes it, with
+gradient-rollout importance (methods.md §6; `toast_core.views.gradient_rollout` computes it, with
 G from the gradient of the true-class logit of a head fitted on the support features). Tuning then
 adds α·R to the task loss, where R is the cross-entropy between the image's prompt (a distribution
 over patch keys) and the softmax over patch keys of the LAST block's head-averaged attention logits
@@ -30,7 +30,7 @@ Official-code vs paper choices (all configurable, defaults = the released code):
   current head, as the code does without `--reset_head`).
 Gradients are per image (the code backprops the batch mean, which scales G by 1/B), and G's sign is
 fixed to agree with the attention-only importance (the code leaves it arbitrary); see
-`toast_core.attention.gradient_rollout`.
+`toast_core.views.gradient_rollout`.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def position_importance(
     `ridge`: that head when the caller already fitted it on these inputs' features with `ridge_lam`
     (a few-shot episode shares it with the classifier init), which saves one forward of the support.
     """
-    from toast_core.attention import gradient_rollout  # attention imports the method registry; import late
+    from toast_core.views import gradient_rollout  # views import the method base late too; import late
 
     labels = labels.long().to(x.device)
     if importance_head not in IMPORTANCE_HEADS:

@@ -1,0 +1,71 @@
+"""Views: where a steering module makes the frozen ViT look, and how well that falls on a region.
+
+One job per module, read in this order:
+- `base`: the `AttentionView` result, `ViewUnavailable`, the forward plumbing every view shares;
+- `cls`: CLS-row attention per layer × head; `rollout`: attention rollout;
+- `gradients`: FORT's gradient rollout; `gradcam`: Grad-CAM (captum or autograd);
+- `toast_views`: TOAST's selection mask and pass-1 / pass-2 maps;
+- `registry`: views by name (`compute_view`) and differences between two modules;
+- `focus`: focus metrics against a mask or box (`focus_summary` is what every table reports).
+Import from `toast_core.views`; the submodules are where to read (and where a new view goes).
+"""
+
+from toast_core.views.base import AttentionView, HeadSpec, ViewUnavailable, method_label, patch_start
+from toast_core.views.cls import ClsMaps, cls_maps, cls_view
+from toast_core.views.focus import (
+    Region,
+    area_share,
+    entropy,
+    focus_metrics,
+    focus_ratio,
+    focus_share,
+    focus_summary,
+    pointing_game,
+    region_to_grid,
+)
+from toast_core.views.gradcam import gradcam, is_single_pass
+from toast_core.views.gradients import (
+    fort_gradient_direction,
+    gradient_rollout,
+    gradient_rollout_from,
+    gradient_rollout_view,
+)
+from toast_core.views.registry import VIEWS, compute_view, difference, difference_view
+from toast_core.views.rollout import attention_rollout, cls_and_rollout, rollout_readout, rollout_view
+from toast_core.views.toast_views import selection_view, toast_pass_views
+
+__all__ = [
+    "VIEWS",
+    "AttentionView",
+    "ClsMaps",
+    "HeadSpec",
+    "Region",
+    "ViewUnavailable",
+    "area_share",
+    "attention_rollout",
+    "cls_and_rollout",
+    "cls_maps",
+    "cls_view",
+    "compute_view",
+    "difference",
+    "difference_view",
+    "entropy",
+    "focus_metrics",
+    "focus_ratio",
+    "focus_share",
+    "focus_summary",
+    "fort_gradient_direction",
+    "gradcam",
+    "gradient_rollout",
+    "gradient_rollout_from",
+    "gradient_rollout_view",
+    "is_single_pass",
+    "method_label",
+    "patch_start",
+    "pointing_game",
+    "region_to_grid",
+    "rollout_readout",
+    "rollout_view",
+    "selection_view",
+    "toast_pass_views",
+]
