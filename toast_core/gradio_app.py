@@ -17,6 +17,7 @@ so Gradio never deep-copies a model per session. Everything is computed by the l
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
@@ -66,6 +67,7 @@ VIEW_CHOICES: tuple[tuple[str, str], ...] = (
 )
 TABLE_HEADERS = ["module", "prediction", "confidence", "focus share", "area share", "focus ratio", "peak inside", "note"]
 COLOUR_MAPS = ("jet", "inferno", "viridis", "magma", "turbo", "hot")
+LOG = logging.getLogger("toast_core.gradio_app")
 
 
 class DemoContext:
@@ -216,12 +218,15 @@ def run_comparison(
 # --- tuning ----------------------------------------------------------------------------------------
 def run_tuning(
     ctx: DemoContext, method: str, task: str, steps: float, per_class: float, lr: float, batch_size: float,
-    progress: Any = None,
+    progress: Any = None, seed: float = 0,
 ) -> tuple[str, dict[str, Any]]:
-    """Train one short run through the run manager, reporting progress; returns (run id, status summary)."""
+    """Train one short run through the run manager, reporting progress; returns (run id, status summary).
+    The seed fixes the module's initialisation and the training order (same seed, same numbers)."""
     from toast_core.runs import RunConfig
 
     steps, per_class, batch_size = int(steps), int(per_class), int(batch_size)
+    if seed is None or float(seed) != int(float(seed)):
+        raise ValueError(f"The seed must be a whole number, got {seed!r}.")
     if not 1 <= steps <= MAX_TUNE_STEPS:
         raise ValueError(f"Steps must be between 1 and {MAX_TUNE_STEPS} in this demo.")
     if not 1 <= per_class <= MAX_TUNE_PER_CLASS:
@@ -229,7 +234,7 @@ def run_tuning(
     config = RunConfig(
         method=method, task=task, per_class=per_class, val_per_class=max(1, per_class // 4),
         train={"steps": steps, "batch_size": batch_size, "lr": float(lr)}, name=f"{method} on {task} (demo)",
-        snapshot_every=0, checkpoint_every=0,
+        snapshot_every=0, checkpoint_every=0, seed=int(float(seed)),
     )
     manager = ctx.manager()
     run_id = manager.submit(config)
@@ -277,10 +282,14 @@ def write_examples(folder: Path = EXAMPLES_DIR, size: int = EXAMPLE_SIZE) -> lis
     return out
 
 
-def _user_error(exc: Exception) -> Exception:
+def _user_error(exc: Exception, action: str = "request") -> Exception:
+    """The library's message as a Gradio error shown in the page, logged as one line: a refused upload
+    is the user's mistake, not the server's, so no traceback (gr.Error prints one by default)."""
     import gradio as gr
 
-    return gr.Error(" ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split()))
+    message = " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split())
+    LOG.warning("%s refused (%s): %s", action, type(exc).__name__, message)
+    return gr.Error(message, print_exception=False)
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
@@ -309,7 +318,7 @@ def build_demo(ctx: DemoContext, examples: Sequence[str] | None = None) -> gr.Bl
         try:
             return run_comparison(ctx, image, refs, view, layer, head, x0, y0, x1, y1, alpha, cmap)
         except errors as exc:
-            raise _user_error(exc) from exc
+            raise _user_error(exc, "compare") from exc
 
     def refresh_fn(selected):
         choices = ctx.choices()
@@ -317,11 +326,11 @@ def build_demo(ctx: DemoContext, examples: Sequence[str] | None = None) -> gr.Bl
         keep = [s for s in (selected or []) if s in values] or [BASE_KEY]
         return gr.update(choices=choices, value=keep)
 
-    def tune_fn(method, task, steps, per_class, lr, batch_size, session_runs, progress=gr.Progress()):
+    def tune_fn(method, task, steps, per_class, lr, batch_size, session_runs, seed=0, progress=gr.Progress()):
         try:
-            run_id, summary = run_tuning(ctx, method, task, steps, per_class, lr, batch_size, progress)
+            run_id, summary = run_tuning(ctx, method, task, steps, per_class, lr, batch_size, progress, seed)
         except errors as exc:
-            raise _user_error(exc) from exc
+            raise _user_error(exc, "tune") from exc
         runs = [*(session_runs or []), run_id]
         choices = ctx.choices()
         value = [BASE_KEY] + ([run_id] if summary["state"] == "done" else [])
@@ -348,7 +357,10 @@ def build_demo(ctx: DemoContext, examples: Sequence[str] | None = None) -> gr.Bl
         with gr.Tab("Explorer"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"])
+                    # a plain file, not gr.Image: Gradio's image preprocessing would decode the upload
+                    # itself (and fail with its own generic error on an empty, text or bomb file);
+                    # run_comparison hands the file to the library's safe decoder instead
+                    image = gr.File(type="filepath", file_count="single", label=f"Image (PNG, JPEG, …; up to {MAX_IMAGE_MB} MB)")
                     if examples:
                         gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Built-in scenes")
                     modules = gr.Dropdown(choices=ctx.choices(), value=[BASE_KEY], multiselect=True,
@@ -386,11 +398,12 @@ def build_demo(ctx: DemoContext, examples: Sequence[str] | None = None) -> gr.Bl
                 t_per_class = gr.Slider(1, MAX_TUNE_PER_CLASS, value=8, step=1, label="Training images per class")
                 t_batch = gr.Slider(2, 64, value=16, step=1, label="Batch size")
                 t_lr = gr.Number(value=1e-3, label="Learning rate")
+                t_seed = gr.Number(value=0, precision=0, label="Seed")
             with gr.Row():
                 t_go = gr.Button("Train", variant="primary")
                 t_cancel = gr.Button("Cancel my run")
             t_out = gr.Markdown()
-            t_go.click(tune_fn, [t_method, t_task, t_steps, t_per_class, t_lr, t_batch, session_runs],
+            t_go.click(tune_fn, [t_method, t_task, t_steps, t_per_class, t_lr, t_batch, session_runs, t_seed],
                        [t_out, modules, session_runs], api_name="tune", concurrency_limit=1)
             t_cancel.click(cancel_fn, [session_runs], [t_out], api_name="cancel")
         demo.load(refresh_fn, [modules], [modules], api_visibility="private")
@@ -437,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own health checks, one line each
     if args.write_examples:
         for path in write_examples():
             print(path)
