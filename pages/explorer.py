@@ -7,7 +7,7 @@ import streamlit as st
 
 from toast_core import app_state as S
 from toast_core import compare
-from toast_core.data.images import IMAGE_EXTENSIONS, ImageInputError
+from toast_core.data.images import ImageInputError
 from toast_core.data.scenes import SPLITS, TASKS
 from toast_core.viz import (
     COLORMAPS,
@@ -44,9 +44,10 @@ def pick_image(size: int) -> S.ImageChoice | None:
         index = st.number_input("Scene index", 0, 9999, 0, key="ex_index")
         st.caption(TASKS[task].description)
         return S.scene_image(task, split, int(index), size)
+    # no `type=` filter: the browser would refuse other extensions with Streamlit's own message;
+    # every file reaches the library's decoder, which says what is wrong with it
     upload = st.file_uploader(
-        f"An image (PNG, JPEG, …; up to {S.MAX_IMAGE_MB} MB)",
-        type=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
+        f"An image (PNG, JPEG, BMP, GIF, TIFF, WebP; up to {S.MAX_IMAGE_MB} MB)",
         key="ex_upload",
         max_upload_size=S.MAX_IMAGE_MB,
     )

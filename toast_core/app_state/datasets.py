@@ -7,20 +7,33 @@ from pathlib import Path
 from typing import Any
 
 import streamlit as st
+from streamlit.logger import get_logger
 
 from .session import DATASETS_DIR, MAX_ZIP_MB, runs_root
+
+
+LOG = get_logger(__name__)
 
 
 def import_dataset_zip(data: bytes, name: str) -> Path:
     """Extract an uploaded zip of class folders under the runs root (content-addressed, so the same
     zip uploaded twice is imported once) and check it reads as a dataset. Raises ZipImportError /
-    ImageFolderError with messages for the user."""
+    ImageFolderError with messages for the user; each refusal is also one line in the server's log."""
+    from toast_core.data.folder import ImageFolderError
+    from toast_core.data.zip_import import ZipImportError
+
+    try:
+        return _import_dataset_zip(data, name)
+    except (ZipImportError, ImageFolderError) as exc:
+        LOG.warning("zip upload %r refused: %s", name, " ".join(str(exc).split()))
+        raise
+
+
+def _import_dataset_zip(data: bytes, name: str) -> Path:
     from toast_core.data.folder import load_image_folder
-    from toast_core.data.zip_import import import_zip
+    from toast_core.data.zip_import import ZipImportError, import_zip
 
     if len(data) > MAX_ZIP_MB * 1024 * 1024:
-        from toast_core.data.zip_import import ZipImportError
-
         raise ZipImportError(f"The zip is {len(data) / 2**20:.1f} MB, over the {MAX_ZIP_MB} MB limit.")
     digest = hashlib.sha256(data).hexdigest()[:12]
     stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(name).stem)[:40] or "dataset"

@@ -19,16 +19,20 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 import torch
+from streamlit.logger import get_logger
 
 from toast_core import compare
 from toast_core.backbone import Backbone
 from toast_core.checkpoints import CheckpointError
-from toast_core.data.images import load_image
+from toast_core.data.images import ImageInputError, load_image
 from toast_core.methods.base import SteeringMethod
 from toast_core.runs import RunError
 from toast_core.views import AttentionView, ViewUnavailable, cls_maps, compute_view, difference_view
 
 from .session import BASE_KEY, MAX_IMAGE_MB, active_spec, module_for, module_stamp
+
+
+LOG = get_logger(__name__)
 
 
 # --- images --------------------------------------------------------------------------------------
@@ -48,8 +52,13 @@ def scene_image(task: str, split: str, index: int, size: int = 96) -> ImageChoic
 
 
 def decode_upload(data: bytes, name: str = "upload") -> ImageChoice:
-    """An uploaded image, decoded safely; raises ImageInputError with a user-facing message."""
-    rgb = load_image(data, max_bytes=MAX_IMAGE_MB * 1024 * 1024)
+    """An uploaded image's raw bytes, decoded by the library's safe decoder (size limit first); raises
+    ImageInputError with a user-facing message, logged as one line for the server's log."""
+    try:
+        rgb = load_image(data, max_bytes=MAX_IMAGE_MB * 1024 * 1024, name=name)
+    except ImageInputError as exc:
+        LOG.warning("image upload %r refused: %s", name, " ".join(str(exc).split()))
+        raise
     return ImageChoice(rgb, name)
 
 

@@ -30,10 +30,12 @@ class ImageInputError(ValueError):
     """An upload that cannot be used as an image; the message is meant for the user."""
 
 
-def _read_bytes(source: bytes | bytearray | memoryview | str | Path, max_bytes: int) -> tuple[bytes, str]:
+def _read_bytes(
+    source: bytes | bytearray | memoryview | str | Path, max_bytes: int, label: str | None = None
+) -> tuple[bytes, str]:
     """The raw bytes and a name for messages; the size limit is checked before reading a file."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data, name = bytes(source), "the upload"
+        data, name = bytes(source), f"'{label}'" if label else "the upload"
     else:
         path = Path(source)
         name = f"'{path.name}'"
@@ -129,9 +131,11 @@ def load_image(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
 ) -> np.ndarray:
-    """Decode an untrusted image to (H, W, 3) uint8 RGB, upright per EXIF, or raise ImageInputError."""
-    data, name = _read_bytes(source, max_bytes)
+    """Decode an untrusted image to (H, W, 3) uint8 RGB, upright per EXIF, or raise ImageInputError.
+    `name` (an upload's file name) is what messages about raw bytes call them; default "the upload"."""
+    data, name = _read_bytes(source, max_bytes, name)
     im = _open_checked(data, name, max_pixels)
     try:
         im = ImageOps.exif_transpose(im)
