@@ -48,7 +48,6 @@ from toast_core.methods.fort import (
     ridge_head,
     support_features,
 )
-from toast_core.methods.linear import LinearProbe
 from toast_core.train import TrainConfig, prepare_batch, train, view_over
 from toast_core.views import AttentionView, focus_share, focus_summary
 
@@ -253,9 +252,10 @@ def _prepare_fort(method: SteeringMethod, cache: EpisodeCache, shared: bool) -> 
 
 
 def _head_only(method: SteeringMethod, shared: bool) -> bool:
-    """May this method train on the cached support features? Only the plain linear probe on the
-    frozen forward (deterministic: no dropout, no augmentation), on CPU (no autocast)."""
-    return type(method) is LinearProbe and shared and method.head.weight.device.type == "cpu"
+    """May this method train on the episode's support features? A head-only method (its declared
+    frozen stage is the pooled feature, `train` checks the rest) on the frozen forward, on CPU (no
+    autocast, so its steps equal the uncached ones)."""
+    return method.frozen_stage_kind == "features" and shared and method.head.weight.device.type == "cpu"
 
 
 def score_view(view: AttentionView, query: LabeledImages) -> tuple[float, float | None, float | None]:

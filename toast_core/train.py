@@ -14,21 +14,32 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from toast_core.data.base import LabeledImages, to_model_input
-from toast_core.device import pick_device
+from toast_core.data.base import LabeledImages
+from toast_core.evaluation import (  # the loop's per-batch pieces; re-exported for train's callers
+    cls_attention_grid,
+    correct_count,
+    evaluate,
+    method_device,
+    predict,
+    prepare_batch,
+    resolve_device,
+    task_loss,
+    view_over,
+)
+from toast_core.feature_cache import CacheStats, FrozenCache, plan_cache
 from toast_core.methods.base import MethodOutput, SteeringMethod, seed_global
-from toast_core.views import AttentionView, cls_view, compute_view
 
 #: (step, batch_size, generator) -> (uint8 images (B, 3, H, W), targets (B,) long or (B, C) float)
 BatchSource = Callable[[int, int, torch.Generator], tuple[Tensor, Tensor]]
+#: (uint8 images (B, 3, H, W), the run's augmentation generator) -> uint8 images of the same shape
+Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 OPTIMIZERS = ("adamw", "sgd")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -38,7 +49,8 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 class TrainConfig:
     """How to train. `min_lr` is a ratio of `lr` reached at the end of the cosine; `eval_every` /
     `snapshot_every` = 0 means only at the end / never. `amp`: auto = bf16 (or fp16) on CUDA, off
-    elsewhere. Weight decay applies to tensors with >= 2 dims (weights, prompts), not to biases/norms."""
+    elsewhere. Weight decay applies to tensors with >= 2 dims (weights, prompts), not to biases/norms.
+    `cache_mb`: memory bound of the run's frozen-stage cache (toast_core.feature_cache; 0 = off)."""
 
     steps: int = 100
     batch_size: int = 32
@@ -56,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     num_threads: int | None = None
+    cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -68,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"min_lr is a ratio of lr in [0, 1]; got {self.min_lr}.")
         if self.lr <= 0 or self.warmup_steps < 0 or self.eval_every < 0 or self.snapshot_every < 0:
             raise ValueError("lr must be > 0; warmup_steps, eval_every, snapshot_every must be >= 0.")
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0 (0 = no cache); got {self.cache_mb}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,53 +121,13 @@ class TrainResult:
     device: str
     amp: str
     config: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # the frozen-stage cache: used / why not, size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 # --- small shared helpers -------------------------------------------------------------------------
-def method_device(method: SteeringMethod) -> torch.device:
-    """Where the method's own tensors live (its head always exists)."""
-    return method.head.weight.device
-
-
-def prepare_batch(method: SteeringMethod, images: Tensor) -> Tensor:
-    """uint8 (B, 3, H, W) -> the normalised, resized float input this method's backbone expects."""
-    layout = method.layout
-    images = images.to(method_device(method), non_blocking=True)
-    return to_model_input(images, layout.mean, layout.std, layout.img_size)
-
-
-def _is_multilabel(targets: Tensor) -> bool:
-    return targets.is_floating_point() and targets.ndim == 2
-
-
-def task_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy for class indices, BCE-with-logits for float multi-hot targets."""
-    logits = logits.float()
-    if _is_multilabel(targets):
-        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
-    return F.cross_entropy(logits, targets.long())
-
-
-def correct_count(logits: Tensor, targets: Tensor) -> int:
-    """Top-1 hits; for multi-hot targets a hit is a top-1 class that is one of the positives."""
-    pred = logits.argmax(dim=-1)
-    if _is_multilabel(targets):
-        return int((targets.gather(1, pred[:, None]).squeeze(1) > 0.5).sum())
-    return int((pred == targets.long()).sum())
-
-
-def cls_attention_grid(method: SteeringMethod, images: Tensor) -> np.ndarray:
-    """Last-layer CLS attention, head mean, over the patch tokens, (B, gh, gw) float32, for uint8 images.
-
-    The app's own CLS view (`views.cls_view`: the method's steered forward with
-    `Capture(cls_attn=[-1])`, in eval mode, prompts excluded), so snapshots match what pages show.
-    """
-    return cls_view(method, prepare_batch(method, images), layer=-1, head="mean").map
-
-
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warmup to `lr`, then cosine down to `min_lr · lr` at the last step (step is 0-based)."""
     if config.warmup_steps > 0 and step < config.warmup_steps:
@@ -177,20 +152,6 @@ def build_optimizer(method: SteeringMethod, config: TrainConfig) -> torch.optim.
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def _resolve_device(method: SteeringMethod, requested: str | torch.device | None) -> torch.device:
-    """The method runs where its shared backbone lives; a different explicit request is refused."""
-    here = method_device(method)
-    if requested is None or str(requested) == "auto":
-        return here
-    want = pick_device(str(requested))
-    if want.type != here.type or (want.index is not None and want.index != here.index):
-        raise ValueError(
-            f"The method and its shared backbone live on {here}, but device {requested!r} was asked "
-            "for; load the backbone on that device instead."
-        )
-    return here
 
 
 def _resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
@@ -247,72 +208,6 @@ def _emit(callbacks: Sequence[Any], event: str, *args: Any) -> None:
             fn(*args)
 
 
-# --- evaluation and prediction --------------------------------------------------------------------
-def evaluate(
-    method: SteeringMethod,
-    data: LabeledImages,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    *,
-    cancel: threading.Event | None = None,
-) -> dict[str, float]:
-    """Accuracy and mean task loss over `data` in eval mode: {"acc", "loss", "n"}."""
-    _resolve_device(method, device)
-    was_training = method.training
-    method.eval()
-    total_loss, correct, n = 0.0, 0, 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(data), batch_size):
-                if cancel is not None and cancel.is_set():
-                    break
-                images = data.images[start : start + batch_size]
-                targets = data.labels[start : start + batch_size].to(method_device(method))
-                logits = method(prepare_batch(method, images)).logits
-                total_loss += float(task_loss(logits, targets)) * len(images)
-                correct += correct_count(logits, targets)
-                n += len(images)
-    finally:
-        method.train(was_training)
-    return {"acc": correct / max(n, 1), "loss": total_loss / max(n, 1), "n": n}
-
-
-def predict(
-    method: SteeringMethod, images: Tensor, batch_size: int = 64, *, multilabel: bool = False
-) -> Tensor:
-    """Class probabilities (softmax; sigmoid with `multilabel`) for uint8 images, on the CPU."""
-    was_training = method.training
-    method.eval()
-    outs = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                batch = prepare_batch(method, images[start : start + batch_size])
-                logits = method(batch).logits.float()
-                outs.append((logits.sigmoid() if multilabel else logits.softmax(dim=-1)).cpu())
-    finally:
-        method.train(was_training)
-    return torch.cat(outs) if outs else torch.empty(0, method.num_classes)
-
-
-def view_over(
-    method: SteeringMethod, images: Tensor, view: str = "cls", batch_size: int = 64, **options: Any
-) -> AttentionView:
-    """One attention view (maps, predictions, confidences) of many uint8 images, in batches."""
-    views = [
-        compute_view(view, method, prepare_batch(method, images[i : i + batch_size]), **options)
-        for i in range(0, len(images), batch_size)
-    ]
-    if len(views) == 1:
-        return views[0]
-    return replace(
-        views[0],
-        map=np.concatenate([v.map for v in views]),
-        pred=np.concatenate([v.pred for v in views]),
-        conf=np.concatenate([v.conf for v in views]),
-    )
-
-
 # --- training -------------------------------------------------------------------------------------
 def train(
     method: SteeringMethod,
@@ -324,23 +219,27 @@ def train(
     probe_image: Tensor | None = None,
     cancel: threading.Event | None = None,
     features: Tensor | None = None,
+    augment: Augment | None = None,
 ) -> TrainResult:
     """Train `method` in place and return its history, final metrics, timings and memory peak.
 
     `probe_image` (uint8 (3, H, W)) enables attention snapshots every `snapshot_every` steps (and at
     step 0). `cancel` is checked before every step, so a run stops within one step of it being set.
-    `features`: the frozen pooled features of every `train_data` image, for a method whose backbone
-    forward never changes (the linear probe): each step then runs only its head on them (same
-    batches, optimiser and schedule), without a backbone forward per step.
+    Frozen stage: a method that declares one (`frozen_stage_kind`: the linear probe's features,
+    TOAST's pass 1) trains on in-memory images from a per-run cache of it (`feature_cache`), filled
+    in the first epoch: same batches, optimiser and schedule, the same numbers within float
+    rounding, without recomputing the frozen backbone per step. `features`: the caller's pooled
+    features of every `train_data` image (fills a head-only cache at once). `augment`: a per-step
+    transform of the uint8 batch (images, run generator) -> images; such a run caches nothing.
+    `result.cache` says whether the cache was used, or why not, and its size.
     """
-    if features is not None and (not isinstance(train_data, LabeledImages) or len(features) != len(train_data)):
-        raise ValueError("features must hold one row per image of an in-memory training set.")
     config = config or TrainConfig()
+    frozen = plan_cache(method, train_data, config.cache_mb, augmented=augment is not None, features=features)
     if callbacks is None:
         cbs: list[Any] = []
     else:
         cbs = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-    device = _resolve_device(method, config.device)
+    device = resolve_device(method, config.device)
     amp_dtype = _resolve_amp(config.amp, device)
     amp_name = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     old_threads = torch.get_num_threads()
@@ -348,8 +247,9 @@ def train(
         torch.set_num_threads(config.num_threads)
     try:
         return _run(
-            method, train_data, val_data, config, cbs, probe_image, cancel, device, amp_dtype, amp_name, features
-        )
+            method, train_data, val_data, config, cbs, probe_image, cancel, device, amp_dtype, amp_name,
+            (*frozen, augment),
+        )  # fmt: skip
     finally:
         if config.num_threads:
             torch.set_num_threads(old_threads)
@@ -369,16 +269,17 @@ class _Loop:
         cancel: threading.Event | None,
         device: torch.device,
         amp_dtype: torch.dtype | None,
-        features: Tensor | None = None,
+        frozen: tuple[FrozenCache | None, CacheStats, Augment | None],
     ):
         self.method, self.train_data, self.val_data = method, train_data, val_data
-        self.features = None if features is None else features.detach().to(device)
+        self.cache, self.cache_stats, self.augment = frozen
         self.config, self.cbs, self.probe_image, self.cancel = config, cbs, probe_image, cancel
         self.device, self.amp_dtype = device, amp_dtype
         self.is_cuda = device.type == "cuda"
         seed_global(config.seed)  # a fine-tuned backbone's own dropout / drop-path, if enabled
         method.seed_streams(config.seed)  # prompt dropout, random prompt locations (per run, thread-safe)
         self.generator = torch.Generator().manual_seed(config.seed)  # batch order
+        self.aug_generator = torch.Generator().manual_seed(config.seed + 1)  # augmentation draws
         self.sampler = (
             _EpochSampler(len(train_data), self.generator) if isinstance(train_data, LabeledImages) else None
         )
@@ -399,33 +300,37 @@ class _Loop:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """(images, or their frozen features when given; labels) of this step's batch."""
+    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(images, labels, their indices in an in-memory training set) of this step's batch."""
         if self.sampler is not None:
             idx = self.sampler.next(self.config.batch_size)
             data: LabeledImages = self.train_data  # type: ignore[assignment]
-            inputs = data.images[idx] if self.features is None else self.features[idx]
-            return inputs, data.labels[idx]
-        return self.train_data(step, self.config.batch_size, self.generator)  # type: ignore[operator]
+            images = data.images[idx]
+            if self.augment is not None:
+                images = self.augment(images, self.aug_generator)
+            return images, data.labels[idx], idx
+        batch = self.train_data(step, self.config.batch_size, self.generator)  # type: ignore[operator]
+        images, labels = batch
+        return images, labels, None
 
     def step(self, step: int) -> dict[str, float]:
         """One optimisation step; returns its history entry."""
-        images, targets = self.batch(step)
+        images, targets, index = self.batch(step)
         targets = targets.to(self.device)
         lr = lr_at(step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.sync()
         t0 = time.perf_counter()
-        head_only = self.features is not None  # frozen features in: no backbone forward
-        x = images if head_only else prepare_batch(self.method, images)
-        amp = self.amp_dtype
+        method, amp = self.method, self.amp_dtype
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            if head_only:
-                logits, extras = self.method.head(x), {}
+            if self.cache is not None and index is not None:  # the frozen stage from the run's cache
+                fill = lambda rows: method.frozen_stage(prepare_batch(method, images[rows]))  # first epoch
+                stage = self.cache.get(index, fill)
+                output: MethodOutput = method.forward_frozen(stage, self.capture)
             else:
-                output: MethodOutput = self.method(x, self.capture)
-                logits, extras = output.logits, self.method.extra_losses(output, targets)
+                output = method(prepare_batch(method, images), self.capture)
+            logits, extras = output.logits, method.extra_losses(output, targets)
             loss_task = task_loss(logits, targets)
         loss = loss_task + sum((v.float() for v in extras.values()), torch.zeros((), device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
@@ -542,10 +447,10 @@ def _run(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     amp_name: str,
-    features: Tensor | None = None,
+    frozen: tuple[FrozenCache | None, CacheStats, Augment | None],
 ) -> TrainResult:
     t_start = time.perf_counter()
-    loop = _Loop(method, train_data, val_data, config, cbs, probe_image, cancel, device, amp_dtype, features)
+    loop = _Loop(method, train_data, val_data, config, cbs, probe_image, cancel, device, amp_dtype, frozen)
     cancelled, eval_s = loop.run()
     return TrainResult(
         history=loop.history,
@@ -557,4 +462,13 @@ def _run(
         device=str(device),
         amp=amp_name,
         config=config.to_dict(),
+        cache=loop.cache_stats.to_dict(),
     )
+
+
+# the loop, and the per-batch pieces its callers have always imported from here
+__all__ = [
+    "Augment", "BatchSource", "Callbacks", "TrainCallback", "TrainConfig", "TrainResult", "build_optimizer",
+    "cls_attention_grid", "correct_count", "evaluate", "lr_at", "method_device", "predict", "prepare_batch",
+    "task_loss", "train", "view_over",
+]  # fmt: skip

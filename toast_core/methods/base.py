@@ -35,7 +35,7 @@ class MethodOutput:
 
     logits: Tensor
     features: Tensor
-    out: SteeredOutput
+    out: SteeredOutput | None  # None only from cached frozen features (`forward_frozen`, head only)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,6 +58,10 @@ class SteeringMethod(nn.Module, Steer):
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     #: attention views this method can show beyond the common ones (e.g. "toast_pass1", "selection")
     extra_views: ClassVar[tuple[str, ...]] = ()
+    #: the part of the training forward that reads only the frozen backbone, so a run may compute it
+    #: once per image and cache it (toast_core.feature_cache): "features" = all of it up to the pooled
+    #: feature (the head alone trains), "pass1" = a first pass (TOAST); None = nothing is frozen
+    frozen_stage_kind: ClassVar[str | None] = None
 
     def __init__(self, backbone: Backbone, num_classes: int, config: MethodConfig | None = None):
         nn.Module.__init__(self)
@@ -105,6 +109,36 @@ class SteeringMethod(nn.Module, Steer):
     def capture_for_loss(self) -> Capture:
         """What the training step must capture for `extra_losses`."""
         return NOTHING
+
+    # --- the frozen stage (per-run cache; see toast_core.feature_cache) -----------------------
+    def frozen_stage_signature(self) -> str:
+        """What the frozen stage's rows depend on besides the backbone and the image."""
+        return str(self.frozen_stage_kind)
+
+    def cache_refusal(self) -> str | None:
+        """Why this method's frozen stage may not be cached now (None: it may). Checked, not
+        trusted: the declaration is void if anything below the cache point trains or is random."""
+        if self.frozen_stage_kind is None:
+            return f"{self.name} declares no frozen stage (something trainable runs from the input)"
+        if any(p.requires_grad for p in self.vit.parameters()):
+            return "the backbone below the cache point has trainable weights"
+        if self.vit.training:
+            return "the backbone is in train mode (dropout / drop-path differ every pass)"
+        if self.frozen_stage_kind == "features":
+            head = {id(p) for p in self.head.parameters()}
+            if any(id(p) not in head for p in self.trainable_parameters()):
+                return "trainable parameters below the pooled feature"
+        return None
+
+    def frozen_stage(self, images: Tensor) -> dict[str, Tensor]:
+        """The frozen stage of prepared inputs, one row per image, no graph: here the pooled feature."""
+        with torch.no_grad():
+            return {"features": pool(self.vit, steered_forward(self.vit, images, steer=self))}
+
+    def forward_frozen(self, stage: dict[str, Tensor], capture: Capture = NOTHING) -> MethodOutput:
+        """The training forward from frozen-stage rows: the same values `forward` gives their images."""
+        features = stage["features"]
+        return MethodOutput(logits=self.head(features), features=features, out=None)
 
     # --- shared behaviour ----------------------------------------------------------------------
     @property

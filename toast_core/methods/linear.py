@@ -17,3 +17,4 @@ class LinearProbe(SteeringMethod):
 
     name = "linear"
     config_cls = LinearConfig
+    frozen_stage_kind = "features"  # the head alone trains: a run computes each image's feature once

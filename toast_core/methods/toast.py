@@ -31,7 +31,6 @@ A Kaiming, loralib's layout), trainable with ξ, P and the head.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +52,11 @@ from toast_core.forward import (
     steered_forward,
 )
 from toast_core.methods.base import MethodConfig, MethodOutput, SteeringMethod
+from toast_core.methods.toast_decoder import ToastDecoder, decoder_matrix
 
 CAPTURE_FIELDS = ("cls_attn", "attn", "attn_logits", "block_inputs", "block_outputs")
 INIT_MODES = ("auto", "pretuned", "scratch")
 PRETUNED_STEM = Path(__file__).resolve().parents[2] / "checkpoints" / "toast_pretuned"
-DECODER_INIT_STD = 0.02  # the released model's init_weights_vit_timm: trunc_normal(std=.02) on every Linear
 
 
 @dataclass
@@ -103,50 +102,6 @@ class ToastLiteConfig(ToastConfig):
     train_P: bool = True
 
 
-class LoRALinear(nn.Module):
-    """A frozen bias-free linear plus a trainable rank-r update scaled by alpha / r (loralib layout).
-
-    Parameter names (`weight`, `lora_A`, `lora_B`) match loralib so official TOAST-Lite checkpoints map.
-    """
-
-    def __init__(self, dim: int, rank: int, alpha: float) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
-        self.weight = nn.Parameter(torch.empty(dim, dim), requires_grad=False)
-        self.lora_A = nn.Parameter(torch.empty(rank, dim))
-        self.lora_B = nn.Parameter(torch.zeros(dim, rank))
-        self.scaling = float(alpha) / float(rank)
-        nn.init.trunc_normal_(self.weight, std=DECODER_INIT_STD)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-
-    def merged_weight(self) -> Tensor:
-        """W + (alpha/r)·B·A: the matrix this layer applies."""
-        return self.weight + (self.lora_B @ self.lora_A) * self.scaling
-
-
-class ToastDecoder(nn.Module):
-    """One feedback layer: h' = W1 h is passed down, td = W2 h' goes to the block (released Decode_Block)."""
-
-    def __init__(self, dim: int, lite: bool, rank: int, alpha: float) -> None:
-        super().__init__()
-        if lite:
-            self.linear: nn.Module = LoRALinear(dim, rank, alpha)
-            self.linear2: nn.Module = LoRALinear(dim, rank, alpha)
-        else:
-            self.linear = nn.Linear(dim, dim, bias=False)
-            self.linear2 = nn.Linear(dim, dim, bias=False)
-            nn.init.trunc_normal_(self.linear.weight, std=DECODER_INIT_STD)
-            nn.init.trunc_normal_(self.linear2.weight, std=DECODER_INIT_STD)
-
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.linear(h)
-        return h, self.linear2(h)
-
-
 class _TopDownSignal(Steer):
     """The per-call touch point of pass 2: block l adds ΔV_l = W_v·td_l (+ b_v in official form) to V.
 
@@ -159,11 +114,6 @@ class _TopDownSignal(Steer):
 
     def value_delta(self, layer: int) -> Tensor | None:
         return self.deltas.get(layer)
-
-
-def _matrix(layer: nn.Module) -> Tensor:
-    """The d×d matrix a decoder linear applies (LoRA merged, still differentiable)."""
-    return layer.merged_weight() if isinstance(layer, LoRALinear) else layer.weight
 
 
 def _capture(depth: int, **fields: frozenset[int] | set[int]) -> Capture:
@@ -192,6 +142,8 @@ class Toast(SteeringMethod):
     name: ClassVar[str] = "toast"
     config_cls: ClassVar[type[MethodConfig]] = ToastConfig
     extra_views: ClassVar[tuple[str, ...]] = ("toast_pass1", "selection")
+    #: pass 1 reads only the frozen backbone: a run caches its tokens and the stream pass 2 resumes from
+    frozen_stage_kind: ClassVar[str | None] = "pass1"
     config: ToastConfig
 
     def __init__(self, backbone: Backbone, num_classes: int, config: ToastConfig | None = None):
@@ -341,8 +293,8 @@ class Toast(SteeringMethod):
         chain = self.P.t()  # column form of z̃ = (m·z) P
         for layer in reversed(blocks):
             dec = self.decoders[layer]
-            chain = _matrix(dec.linear) @ chain
-            ops.append(_matrix(dec.linear2) @ chain)
+            chain = decoder_matrix(dec.linear) @ chain
+            ops.append(decoder_matrix(dec.linear2) @ chain)
         ops.reverse()
         return ops
 
@@ -392,15 +344,52 @@ class Toast(SteeringMethod):
         fields["block_outputs"] |= set(self.feedback_blocks)
         return _capture(depth, **fields)
 
+    @property
+    def resume_block(self) -> int:
+        """The block pass 2 starts at: the first feedback block in late feedback, else 0."""
+        return self.feedback_start if self.config.feedback_to else 0
+
     def forward(self, images: Tensor, capture: Capture = NOTHING) -> MethodOutput:
-        vit = self.vit
-        late_start = self.feedback_start if self.config.feedback_to else 0
         # (1) pass 1: nothing before the selection is trainable, so no graph (unless the caller
         # wants gradients with respect to the input image, e.g. for saliency).
         with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
             first = steered_forward(
-                vit, images, capture=self.pass1_capture(capture), stop_block=self.feedback_stop
+                self.vit, images, capture=self.pass1_capture(capture), stop_block=self.feedback_stop
             )
+        return self._after_pass1(first, capture)
+
+    def frozen_stage_signature(self) -> str:
+        return f"pass1 blocks [0, {self.feedback_stop}), resume at {self.resume_block}"
+
+    def frozen_stage(self, images: Tensor) -> dict[str, Tensor]:
+        """Pass 1's final-norm tokens (what the selection and feedback read) and the stream entering
+        the block pass 2 resumes at, per image: what a cached training step needs of pass 1."""
+        start = self.resume_block
+        with torch.no_grad():
+            first = steered_forward(
+                self.vit, images, capture=Capture(block_inputs=[start]), stop_block=self.feedback_stop
+            )
+        return {"tokens": first.tokens, "resume": first.block_inputs[start]}
+
+    def forward_frozen(self, stage: dict[str, Tensor], capture: Capture = NOTHING) -> MethodOutput:
+        """`forward` from cached pass-1 rows (`frozen_stage`): selection, feedback and pass 2 only."""
+        start, depth = self.resume_block, self.layout.depth
+        asked = self.pass1_capture(capture)
+        if any(resolve_layers(getattr(asked, n), depth) for n in CAPTURE_FIELDS if n != "block_inputs") or (
+            resolve_layers(asked.block_inputs, depth) != {start}
+        ):
+            raise ValueError("A cached pass 1 holds no captures; ask pass-1 views of `forward`.")
+        tokens = stage["tokens"]
+        prefix = self.layout.num_prefix_tokens
+        first = SteeredOutput(
+            tokens=tokens, hidden=tokens, patch_start=prefix, num_prompts=0, grid=self.layout.grid,
+            block_inputs={start: stage["resume"]},
+        )  # fmt: skip
+        return self._after_pass1(first, capture)
+
+    def _after_pass1(self, first: SteeredOutput, capture: Capture) -> MethodOutput:
+        """Steps 2-4 on pass 1's output: selection, feedback into value space, pass 2."""
+        vit, late_start = self.vit, self.resume_block
         # (2) selection and (3) feedback, sent straight into value space (ΔV_l = W_v,l td_l)
         m = self.select(first.tokens)
         deltas, td_norm = self._signal(first.tokens, m, None, into_values=True)
