@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from toast_core import distributed
 from toast_core.data.base import LabeledImages
 from toast_core.evaluation import (  # the loop's per-batch pieces; re-exported for train's callers
     cls_attention_grid,
@@ -278,6 +279,9 @@ class _Loop:
         self.is_cuda = device.type == "cuda"
         seed_global(config.seed)  # a fine-tuned backbone's own dropout / drop-path, if enabled
         method.seed_streams(config.seed)  # prompt dropout, random prompt locations (per run, thread-safe)
+        self.world = distributed.current()  # several processes (torchrun): see toast_core.distributed
+        if self.world is not None:
+            distributed.broadcast_module(method, self.world)
         self.generator = torch.Generator().manual_seed(config.seed)  # batch order
         self.aug_generator = torch.Generator().manual_seed(config.seed + 1)  # augmentation draws
         self.sampler = (
@@ -306,11 +310,14 @@ class _Loop:
             idx = self.sampler.next(self.config.batch_size)
             data: LabeledImages = self.train_data  # type: ignore[assignment]
             images = data.images[idx]
-            if self.augment is not None:
+            if self.augment is not None:  # on the global batch: every rank makes one process's draws
                 images = self.augment(images, self.aug_generator)
+            if self.world is not None:  # this rank's slice of the global batch
+                part = distributed.rank_slice(len(idx), self.world)
+                idx, images = idx[part], images[part]
             return images, data.labels[idx], idx
         batch = self.train_data(step, self.config.batch_size, self.generator)  # type: ignore[operator]
-        images, labels = batch
+        images, labels = batch if self.world is None else distributed.local_part(self.world, self.train_data, *batch)
         return images, labels, None
 
     def step(self, step: int) -> dict[str, float]:
@@ -334,11 +341,11 @@ class _Loop:
             loss_task = task_loss(logits, targets)
         loss = loss_task + sum((v.float() for v in extras.values()), torch.zeros((), device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if self.world is not None:  # every rank gets the gradient of the global batch's mean loss
+            distributed.reduce_gradients(self.world, self.params, len(images))
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         if self.scaler is not None:
@@ -359,7 +366,7 @@ class _Loop:
             "train_acc": correct_count(logits.detach(), targets) / len(images),
         }
         entry.update({name: float(v.detach()) for name, v in extras.items()})
-        return entry
+        return entry if self.world is None else distributed.reduce_metrics(self.world, len(images), entry)
 
     def snapshot(self, step: int) -> None:
         if self.probe_image is None or self.config.snapshot_every <= 0:
@@ -368,8 +375,11 @@ class _Loop:
         _emit(self.cbs, "on_snapshot", step, grid)
 
     def evaluate(self, step: int, entry: dict[str, float] | None) -> dict[str, float]:
-        metrics = evaluate(self.method, self.val_data, self.config.eval_batch_size, cancel=self.cancel)  # type: ignore[arg-type]
-        if self.cancel is not None and self.cancel.is_set():
+        if self.world is None:
+            metrics = evaluate(self.method, self.val_data, self.config.eval_batch_size, cancel=self.cancel)  # type: ignore[arg-type]
+        else:  # sharded over the ranks; {} when any rank was cancelled
+            metrics = distributed.evaluate(self.method, self.val_data, self.world, self.config.eval_batch_size, self.cancel)  # type: ignore[arg-type]
+        if not metrics or (self.cancel is not None and self.cancel.is_set()):
             return {}  # a partial pass over the validation set is not a metric
         val = {"val_acc": metrics["acc"], "val_loss": metrics["loss"]}
         self.last_val = val
@@ -385,7 +395,8 @@ class _Loop:
         self.method.train()
         cancelled = False
         for step in range(cfg.steps):
-            if self.cancel is not None and self.cancel.is_set():
+            stop = self.cancel is not None and self.cancel.is_set()
+            if stop if self.world is None else distributed.any_rank(stop, self.world):
                 cancelled = True
                 break
             entry = self.step(step)
