@@ -495,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_runs_dir(p)
     p.set_defaults(func=cmd_list)
+
+    from toast_core.zoo import cli as zoo_cli
+
+    zoo_cli.add_parser(sub)
+    sub.choices["zoo"].set_defaults(func=zoo_cli.run)
     return parser
 
 

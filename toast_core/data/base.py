@@ -16,13 +16,16 @@ from torch import Tensor
 
 @dataclass
 class LabeledImages:
-    """Images (N, 3, H, W) uint8, labels (N,) long, optional masks (N, H, W) bool of the object that decides the label."""
+    """Images (N, 3, H, W) uint8, labels (N,) long, optional masks (N, H, W) bool of the object that
+    decides the label, and optional `objects` (N, H, W) bool of every object (deciding + distractors),
+    so "looks at the right object" can be told from "looks at objects"."""
 
     images: Tensor
     labels: Tensor
     class_names: list[str]
     masks: Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    objects: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -34,6 +37,8 @@ class LabeledImages:
             *self.images.shape[2:],
         ):
             raise ValueError("masks must have shape (N, H, W) matching the images.")
+        if self.objects is not None and self.objects.shape != (self.images.shape[0], *self.images.shape[2:]):
+            raise ValueError("objects must have shape (N, H, W) matching the images.")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -50,6 +55,7 @@ class LabeledImages:
             class_names=list(self.class_names),
             masks=None if self.masks is None else self.masks[idx],
             meta=dict(self.meta),
+            objects=None if self.objects is None else self.objects[idx],
         )
 
 

@@ -422,7 +422,7 @@ def task_scene(task: str, seed: int, split: str, index: int, label: int, size: i
 
 
 def make_task_split(task: str, split: str, per_class: int, seed: int = 0, size: int = DEFAULT_SIZE) -> LabeledImages:
-    """A balanced split of a downstream task; masks are the deciding object."""
+    """A balanced split of a downstream task; masks are the deciding object, objects every object."""
     if task not in TASKS:
         raise KeyError(f"Unknown task '{task}'; built-in tasks are {', '.join(TASKS)}.")
     if split not in SPLITS:
@@ -431,16 +431,18 @@ def make_task_split(task: str, split: str, per_class: int, seed: int = 0, size: 
     n = per_class * len(spec.classes)
     images = np.empty((n, size, size, 3), np.uint8)
     masks = np.empty((n, size, size), bool)
+    objects = np.empty((n, size, size), bool)
     labels = np.arange(n) % len(spec.classes)
     for i in range(n):
         scene = task_scene(task, seed, split, i, int(labels[i]), size)
-        images[i], masks[i] = scene.image, scene.index_map == 1
+        images[i], masks[i], objects[i] = scene.image, scene.index_map == 1, scene.index_map > 0
     return LabeledImages(
         images=_channels_first(images),
         labels=torch.from_numpy(labels).long(),
         class_names=list(spec.classes),
         masks=torch.from_numpy(masks),
         meta={"task": task, "split": split, "seed": seed, "per_class": per_class, "data_version": DATA_VERSION},
+        objects=torch.from_numpy(objects),
     )
 
 

@@ -1,0 +1,209 @@
+"""The lecture zoo: recipes, deterministic builds, cards, verify, the catalog and the focus measure
+that tells "on the deciding object" from "on any object"."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from toast_core.backbone import tiny_fixture_backbone
+from toast_core.methods import build_method, method_names
+from toast_core.recipes import RECIPES, TEST_PER_CLASS, default_for, recipe
+from toast_core.stats import bootstrap_interval, ratio_of_means, wilson_interval
+from toast_core.views.objects import focus_report
+from toast_core.zoo.build import NOT_SHIPPED, ZOO_DIR, build, round_to_storage
+from toast_core.zoo.catalog import find_entry, first_view, load_entry, zoo_entries
+from toast_core.zoo.verify import result_line, verify
+
+SMOKE_ENTRIES = ("linear", "lora", "full", "fewshot_lora_fort", "transfer_copy")
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return tiny_fixture_backbone()
+
+
+@pytest.fixture(scope="module")
+def smoke_zoo(tmp_path_factory, backbone):
+    root = tmp_path_factory.mktemp("zoo")
+    cards = build(["stars"], SMOKE_ENTRIES, root=root, backbone=backbone, smoke=True, threads=1, log=lambda _: None)
+    return root, cards
+
+
+# --- recipes -------------------------------------------------------------------------------------------
+def test_every_recipe_builds_its_registry_method(backbone):
+    for task, table in RECIPES.items():
+        for r in table.values():
+            assert r.method in method_names(), (task, r.entry)
+            m = build_method(r.method, backbone, 3, {**r.method_config, "seed": 0})
+            assert m.trainable_count() > 0
+            cfg = r.train_config(seed=3)
+            assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.seed) == (r.steps, r.batch_size, r.lr, 3)
+
+
+def test_recipe_lookup_names_the_known_entries():
+    assert recipe("glyphs", "lora").method == "lora"
+    assert default_for("stars", "vpt").entry == "vpt_shallow"
+    assert default_for("stars", "fort_full") is None  # episode recipes are not task defaults
+    with pytest.raises(KeyError, match="Recipes: linear"):
+        recipe("glyphs", "nope")
+
+
+def test_test_split_is_at_least_500_images():
+    from toast_core.data.scenes import TASKS
+
+    assert all(TEST_PER_CLASS * len(spec.classes) >= 500 for spec in TASKS.values())
+
+
+# --- build / verify ------------------------------------------------------------------------------------
+def test_build_writes_cards_with_recipe_seed_and_intervals(smoke_zoo, backbone):
+    root, cards = smoke_zoo
+    assert len(cards) == len(SMOKE_ENTRIES)
+    card = json.loads((root / "stars" / "lora.json").read_text())
+    zoo = card["extra"]["zoo"]
+    assert zoo["recipe"]["entry"] == "lora" and zoo["seed"] == 0 and zoo["smoke"] is True
+    assert card["backbone"]["weights_hash"] == backbone.weights_hash
+    test = zoo["test"]
+    assert test["acc_lo"] <= test["acc"] <= test["acc_hi"] and test["n"] == 12
+    for key in ("focus_share", "focus_ratio", "object_share", "object_chance"):
+        assert f"{key}_lo" in test and test[f"{key}_lo"] <= test[key] + 1e-12 <= test[f"{key}_hi"] + 2e-12
+    episode = json.loads((root / "stars" / "fewshot_lora_fort.json").read_text())["extra"]["zoo"]
+    assert len(episode["episode"]["classes"]) == 3 and episode["prompt_on_object"] is not None
+
+
+def test_build_is_deterministic_and_keeps_current_cards(smoke_zoo, backbone, tmp_path):
+    root, _ = smoke_zoo
+    again = build(["stars"], ("lora", "full"), root=tmp_path, backbone=backbone, smoke=True, threads=1, log=lambda _: None)
+    for path in again:
+        a = json.loads(path.read_text())
+        b = json.loads((root / "stars" / path.name).read_text())
+        assert a["weights_sha256"] == b["weights_sha256"]
+        assert a["extra"]["zoo"]["test"] == b["extra"]["zoo"]["test"]
+    said: list[str] = []
+    build(["stars"], ("lora",), root=tmp_path, backbone=backbone, smoke=True, threads=1, log=said.append)
+    assert said == ["[stars] lora: card is current, kept"]
+
+
+def test_verify_rescoring_matches_the_cards(smoke_zoo, backbone):
+    root, _ = smoke_zoo
+    summary = verify(backbone, root, log=lambda _: None)
+    assert summary["modules"] == len(SMOKE_ENTRIES) and summary["tasks"] == 1
+    assert summary["max_card_drift"] == 0.0
+    line = result_line(summary)
+    assert line.startswith("RESULT modules=5 tasks=1 ") and "linear_acc_stars=" in line
+
+
+def test_verify_catches_a_module_that_differs_from_its_card(smoke_zoo, backbone, tmp_path):
+    import shutil
+
+    root, _ = smoke_zoo
+    shutil.copytree(root, tmp_path / "zoo")
+    card_path = tmp_path / "zoo" / "stars" / "linear.json"
+    card = json.loads(card_path.read_text())
+    card["extra"]["zoo"]["test"]["acc"] = card["extra"]["zoo"]["test"]["acc"] + 0.25
+    card_path.write_text(json.dumps(card))
+    summary = verify(backbone, tmp_path / "zoo", log=lambda _: None)
+    assert summary["max_card_drift"] == pytest.approx(0.25)
+
+
+def test_smoke_build_never_writes_the_shipped_zoo(backbone):
+    with pytest.raises(ValueError, match="never writes the shipped zoo"):
+        build(["stars"], ("linear",), root=ZOO_DIR, backbone=backbone, smoke=True)
+
+
+def test_large_modules_are_scored_as_stored_in_float16(backbone):
+    full = build_method("full", backbone, 3)
+    small = build_method("lora", backbone, 3)
+    assert round_to_storage(small) == "float32"
+    # the fixture backbone is tiny: lower the threshold to exercise the rounding
+    import toast_core.zoo.build as zb
+
+    old, zb.FP16_ABOVE_PARAMS = zb.FP16_ABOVE_PARAMS, 10
+    try:
+        with torch.no_grad():
+            next(iter(full.parameters())).add_(1e-4 * torch.randn_like(next(iter(full.parameters()))))
+        assert round_to_storage(full) == "float16"
+    finally:
+        zb.FP16_ABOVE_PARAMS = old
+    for t in full.state_dict().values():
+        if t.is_floating_point():
+            assert torch.equal(t, t.half().float())
+
+
+# --- catalog -------------------------------------------------------------------------------------------
+def test_catalog_lists_loads_and_filters_by_backbone(smoke_zoo, backbone):
+    root, _ = smoke_zoo
+    entries = zoo_entries(backbone, root)
+    assert [e.entry for e in entries] == ["linear", "full", "lora", "fewshot_lora_fort", "transfer_copy"]
+    e = find_entry("zoo:stars/lora", backbone, root)
+    module = load_entry(e, backbone)
+    assert module.name == "lora" and "zoo" in module.label
+    assert [x.entry for x in first_view(backbone, "stars", root)] == ["linear", "full", "lora"]
+    other = tiny_fixture_backbone(seed=1)
+    assert other.weights_hash != backbone.weights_hash and zoo_entries(other, root) == []
+    with pytest.raises(KeyError, match="No zoo module 'stars/nope'"):
+        find_entry("zoo:stars/nope", backbone, root)
+
+
+def test_not_shipped_entries_exist_in_the_recipes():
+    for task, names in NOT_SHIPPED.items():
+        assert set(names) <= set(RECIPES[task])
+
+
+# --- statistics and the object focus measure -------------------------------------------------------------
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(50, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.4038, 0.5962)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_statistic():
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0.2, 0.4, 200), rng.uniform(0.1, 0.2, 200)
+    lo, hi = bootstrap_interval((a, b), ratio_of_means, 300, seed=1)
+    assert lo < ratio_of_means(a, b) < hi
+    assert (lo, hi) == bootstrap_interval((a, b), ratio_of_means, 300, seed=1)
+
+
+def _scene_masks(n: int = 6):
+    """8x8 images: the deciding object in the top-left 4x4 patch block, a distractor bottom-right."""
+    target = np.zeros((n, 8, 8), bool)
+    target[:, :4, :4] = True
+    objects = target.copy()
+    objects[:, 4:, 4:] = True
+    return target, objects
+
+
+def test_object_share_tells_the_right_object_from_any_object():
+    target, objects = _scene_masks()
+    on_target = np.zeros((6, 2, 2))
+    on_target[:, 0, 0] = 1.0
+    on_both = np.zeros((6, 2, 2))
+    on_both[:, 0, 0] = on_both[:, 1, 1] = 0.5
+    uniform = np.ones((6, 2, 2))
+    right = focus_report(on_target, target, objects)
+    any_obj = focus_report(on_both, target, objects)
+    flat = focus_report(uniform, target, objects)
+    assert right["object_share"] == pytest.approx(1.0)
+    assert any_obj["object_share"] == pytest.approx(0.5) == any_obj["object_chance"]
+    assert flat["object_share"] == pytest.approx(flat["object_chance"]) == pytest.approx(0.5)
+    # the area ratio alone cannot tell "on any object" from "on the right one" by much: both beat chance
+    assert any_obj["focus_ratio"] == pytest.approx(2.0) and right["focus_ratio"] == pytest.approx(4.0)
+    assert any_obj["objects_ratio"] == pytest.approx(2.0)
+    assert "object_share" not in focus_report(on_target, target)
+
+
+def test_task_split_carries_every_objects_mask():
+    from toast_core.data.scenes import make_task_split
+
+    data = make_task_split("glyphs", "val", per_class=1, seed=0, size=48)
+    assert data.objects is not None and data.objects.shape == data.masks.shape
+    assert bool((data.objects | ~data.masks).all())  # the deciding object is an object
+    assert int(data.objects.sum()) > int(data.masks.sum())  # and there are distractors
+    part = data.subset([0, 2])
+    assert torch.equal(part.objects, data.objects[[0, 2]])

@@ -1,0 +1,176 @@
+"""`zoo build`: train every zoo entry of every built-in task from its recipe and seed, and write it
+(safetensors + card) into checkpoints/zoo/<task>/<entry>.
+
+Deterministic: a fixed thread count, the recipe, the seed and the data seed fix every number on the
+same machine. Modules holding a full copy of the backbone (full fine-tunes, attention-transfer
+students) are stored in float16 to fit the zoo's size budget; the card's numbers are measured on the
+rounded weights, i.e. on exactly what is shipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toast_core.backbone import CHECKPOINT_DIR, Backbone
+from toast_core.checkpoints import read_card, save_module
+from toast_core.data.base import LabeledImages
+from toast_core.methods.base import SteeringMethod
+from toast_core.recipes import DATA_SEED, RECIPES, TEST_PER_CLASS, TRAIN_PER_CLASS, VAL_PER_CLASS, Recipe
+from toast_core.zoo.evaluate import score_split
+from toast_core.zoo.train_entry import build_entry_method, task_splits, train_entry, train_episode_entry
+
+ZOO_DIR = CHECKPOINT_DIR / "zoo"
+ZOO_FORMAT = "toast-zoo-entry"
+#: modules above this many parameters are stored (and scored) in float16
+FP16_ABOVE_PARAMS = 250_000
+#: entries not shipped for a task, to stay inside the zoo's 40 MB budget (each holds a 5.4 MB copy
+#: of the backbone); `zoo build --entries ...` builds them locally on request
+NOT_SHIPPED: dict[str, tuple[str, ...]] = {
+    "stars": ("fewshot_full", "fewshot_full_fort"),
+    "glyphs": ("transfer_scratch", "transfer_copy", "transfer_distill"),
+}
+
+
+def entry_stem(task: str, entry: str, root: Path = ZOO_DIR) -> Path:
+    return root / task / entry
+
+
+def shipped_entries(task: str) -> list[Recipe]:
+    skip = set(NOT_SHIPPED.get(task, ()))
+    return [r for r in RECIPES[task].values() if r.entry not in skip]
+
+
+def smoke_recipe(recipe: Recipe) -> Recipe:
+    """The recipe at smoke scale (2 steps; a 3-way 2-shot episode on the 3-class smoke data)."""
+    if recipe.kind == "episode":
+        return dataclasses.replace(recipe, episode=(3, 2), steps=2, batch_size=6)
+    return dataclasses.replace(recipe, steps=2, batch_size=4)
+
+
+def round_to_storage(method: SteeringMethod) -> str:
+    """Round a large module's float tensors through float16 in place; returns the storage dtype."""
+    if sum(t.numel() for t in method.state_dict().values()) <= FP16_ABOVE_PARAMS:
+        return "float32"
+    with torch.no_grad():
+        for t in method.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return "float16"
+
+
+def _card_is_current(stem: Path, recipe: Recipe, seed: int, backbone: Backbone) -> bool:
+    try:
+        card = read_card(stem)
+    except Exception:
+        return False
+    zoo = (card.get("extra") or {}).get("zoo") or {}
+    return (
+        zoo.get("recipe") == _jsonable_recipe(recipe)
+        and zoo.get("seed") == seed
+        and (card.get("backbone") or {}).get("weights_hash") == backbone.weights_hash
+    )
+
+
+def _jsonable_recipe(recipe: Recipe) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(recipe.describe()))
+
+
+def _build_one(
+    backbone: Backbone, task: str, recipe: Recipe, splits: dict[str, LabeledImages], seed: int
+) -> tuple[SteeringMethod, dict[str, Any]]:
+    """Train one entry; returns the module (rounded to its storage dtype) and its card's zoo section."""
+    info: dict[str, Any] = {}
+    if recipe.kind == "episode":
+        tuned = train_episode_entry(backbone, recipe, splits["train"], splits["test"], seed)
+        method, test = tuned.module, tuned.test
+        info.update(
+            train_s=tuned.seconds,
+            episode={"classes": tuned.episode.classes, "support": len(tuned.episode.support),
+                     "class_names": tuned.episode.support.class_names},
+            prompt_on_object=tuned.prompt_on_object,
+        )
+        val = None
+    else:
+        method = build_entry_method(recipe, backbone, splits["train"].num_classes, seed)
+        result = train_entry(method, recipe, splits["train"], splits["val"], seed)
+        info.update(
+            train_s=result.timings["train_s"],
+            train_ms_per_img=result.timings["train_ms_per_img"],
+            final_train_acc=result.final.get("train_acc"),
+            curve=[{k: h[k] for k in ("step", "loss", "train_acc") if k in h} for h in result.history[:: max(1, len(result.history) // 20)]],
+        )
+        test, val = splits["test"], splits["val"]
+    info["storage_dtype"] = round_to_storage(method)
+    method.eval()
+    if val is not None:
+        info["val"] = score_split(method, val)
+    info["test"] = score_split(method, test)
+    info["class_names"] = test.class_names
+    return method, info
+
+
+def build(
+    tasks: Iterable[str] = ("stars", "glyphs"),
+    entries: Iterable[str] | None = None,
+    *,
+    seed: int = 0,
+    threads: int = 2,
+    root: Path = ZOO_DIR,
+    backbone: Backbone | None = None,
+    smoke: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Train (or keep, when its card already records this recipe, seed and backbone) every entry;
+    returns the card paths written or kept."""
+    from toast_core.backbone import load_backbone
+
+    if smoke and Path(root).resolve() == ZOO_DIR.resolve():
+        raise ValueError("A smoke build never writes the shipped zoo; give it another root.")
+    torch.set_num_threads(threads)
+    backbone = backbone or load_backbone("embedded")
+    wanted = None if entries is None else set(entries)
+    cards: list[Path] = []
+    for task in tasks:
+        recipes = shipped_entries(task) if wanted is None else [RECIPES[task][e] for e in RECIPES[task] if e in wanted]
+        splits: dict[str, LabeledImages] | None = None
+        for recipe in recipes:
+            recipe = smoke_recipe(recipe) if smoke else recipe
+            stem = entry_stem(task, recipe.entry, root)
+            if not force and _card_is_current(stem, recipe, seed, backbone):
+                log(f"[{task}] {recipe.entry}: card is current, kept")
+                cards.append(stem.with_suffix(".json"))
+                continue
+            if splits is None:
+                splits = task_splits(task, smoke=smoke)
+            t0 = time.perf_counter()
+            method, info = _build_one(backbone, task, recipe, splits, seed)
+            info.update(
+                recipe=_jsonable_recipe(recipe), seed=seed, data_seed=DATA_SEED, threads=threads,
+                device=str(backbone.device), wall_s=time.perf_counter() - t0, smoke=smoke,
+                data={"train_per_class": TRAIN_PER_CLASS, "val_per_class": VAL_PER_CLASS,
+                      "test_per_class": TEST_PER_CLASS},
+            )
+            test = info["test"]
+            card = save_module(
+                method, stem, task=task,
+                metrics={"test_acc": test["acc"], "val_acc": (info.get("val") or {}).get("acc")},
+                timings={"train_s": info["train_s"]},
+                extra={"class_names": info.pop("class_names"), "zoo": {"format": ZOO_FORMAT, "entry": recipe.entry, **info}},
+            )
+            cards.append(card)
+            log(
+                f"[{task}] {recipe.entry}: test acc {test['acc']:.3f} [{test['acc_lo']:.3f}, {test['acc_hi']:.3f}] "
+                f"(n={test['n']}), focus ratio {test.get('focus_ratio', float('nan')):.2f}, object share "
+                f"{test.get('object_share', float('nan')):.3f} (chance {test.get('object_chance', float('nan')):.3f}), "
+                f"{info['train_s']:.0f} s train"
+            )
+    return cards

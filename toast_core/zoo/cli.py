@@ -1,0 +1,56 @@
+"""`python -m toast_core zoo build|verify|list` — the zoo's command line."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from toast_core.zoo.build import ZOO_DIR
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo", help="the lecture zoo: build (train every entry from its recipe), verify, list")
+    p.add_argument("action", choices=("build", "verify", "list"))
+    p.add_argument("--task", action="append", help="built-in task (repeatable; default: all)")
+    p.add_argument("--entries", default="", help="comma list of recipe entries (default: the shipped set)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--root", type=Path, default=ZOO_DIR, help="zoo folder (default: checkpoints/zoo)")
+    p.add_argument("--force", action="store_true", help="retrain entries whose card is current")
+    p.add_argument("--smoke", action="store_true", help="fixture backbone, random data (needs --root)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from toast_core.backbone import load_backbone, tiny_fixture_backbone
+    from toast_core.recipes import RECIPES
+
+    backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded")
+    tasks = args.task or list(RECIPES)
+    if args.action == "build":
+        from toast_core.zoo.build import build
+
+        entries = [e.strip() for e in args.entries.split(",") if e.strip()] or None
+        cards = build(tasks, entries, seed=args.seed, threads=args.threads, root=args.root,
+                      backbone=backbone, smoke=args.smoke, force=args.force)
+        print(f"RESULT built={len(cards)} root={args.root}")
+        return 0
+    if args.action == "verify":
+        from toast_core.zoo.verify import result_line, verify
+
+        summary = verify(backbone, args.root)
+        print(result_line(summary))
+        return 0 if summary["modules"] and summary["max_card_drift"] <= 0.02 else 1
+    from toast_core.zoo.catalog import zoo_entries
+
+    for e in zoo_entries(backbone, args.root):
+        t = e.test
+        print(f"{e.key:32s} {e.method:14s} test {t.get('acc', float('nan')):.3f} "
+              f"[{t.get('acc_lo', float('nan')):.3f}, {t.get('acc_hi', float('nan')):.3f}] n={t.get('n')}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m toast_core")
+    add_parser(ap.add_subparsers(dest="command", required=True))
+    return run(ap.parse_args(argv))
