@@ -13,6 +13,11 @@ from the pass-1 stream at block k with one trainable value change there, so the 
 the top down to block k; no selection, no decoders. With the backbone run as it is, TOAST cannot cost
 less than its floor, so a ratio target below the floor's cannot be met by TOAST's own code.
 
+Cached rows (issue 17): within a run the images are fixed, so `train()` keeps pass 1's output per
+image (`toast_core.feature_cache`) and a step after the first epoch runs selection, feedback and
+pass 2 only (`*_cached`: a filled cache read per step). The first epoch still computes pass 1 and
+stores it (`*_fill`: the cost of a step whose images are not cached yet), reported beside it.
+
 Default: timm vit_tiny_patch16_224 (random init, no download), 224 px, batch 16, CPU, one thread.
 Every contender is timed once per round in rotating order (interleaved, so load drifts hit all
 alike), after warm-up rounds; medians are reported. The default clock is the process's CPU time
@@ -20,7 +25,8 @@ alike), after warm-up rounds; medians are reported. The default clock is the pro
 while single-threaded CPU time measures the work. `--clock wall` for an idle machine.
 `--smoke` runs the tiny fixture backbone in seconds.
 Last line: `RESULT toast_vs_ref=… toast_vs_full=… lite_vs_ref=… late_vs_ref=… floor_vs_ref=…
-late_floor_vs_ref=…`.
+late_floor_vs_ref=… toast_cached_vs_ref=… late_cached_vs_ref=… toast_cached_vs_full=…
+toast_fill_vs_ref=… late_fill_vs_ref=…`.
 """
 
 from __future__ import annotations
@@ -36,12 +42,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toast_core.backbone import Backbone, _wrap, tiny_fixture_backbone
+from toast_core.feature_cache import FrozenCache
 from toast_core.forward import Capture, Steer, pool, steered_forward
 from toast_core.methods.base import SteeringMethod
 from toast_core.methods.full import FullFineTune
 from toast_core.methods.toast import Toast, ToastConfig, ToastLite
 
-TARGETS = {"toast_vs_ref": 0.70, "toast_vs_full": 1.10, "late_vs_ref": 0.50}
+TARGETS = {
+    "toast_vs_ref": 0.70,
+    "toast_vs_full": 1.10,
+    "late_vs_ref": 0.50,
+    "toast_cached_vs_ref": 0.55,
+    "late_cached_vs_ref": 0.35,
+    "toast_cached_vs_full": 0.80,
+}
 
 
 class ReleasedTopDown(nn.Module):
@@ -160,6 +174,25 @@ def method_forward(method: SteeringMethod) -> Callable[[Tensor], Tensor]:
     return lambda x: method(x).logits
 
 
+def cached_forward(method: SteeringMethod, images: Tensor, filled: bool) -> Callable[[Tensor], Tensor]:
+    """The training forward through the run's frozen-stage cache, as `train()` takes it: `filled`
+    = every image already cached (a step after the first epoch), else a fresh cache per call (a
+    first-epoch step: pass 1 computed and stored, then the rest)."""
+    index = torch.arange(len(images))
+
+    def fresh() -> FrozenCache:
+        return FrozenCache(len(images), "bench", method.frozen_stage_kind or "", 2**34)
+
+    full = fresh()
+    full.get(index, lambda rows: method.frozen_stage(images[rows]))
+
+    def forward(x: Tensor) -> Tensor:
+        cache = full if filled else fresh()
+        return method.forward_frozen(cache.get(index, lambda rows: method.frozen_stage(x[rows]))).logits
+
+    return forward
+
+
 def load_inputs(args: argparse.Namespace) -> tuple[Backbone, Tensor, Tensor, int, str]:
     if args.smoke:
         bb = tiny_fixture_backbone(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
@@ -200,6 +233,10 @@ def main() -> None:
     reference = ReleasedTopDown(bb.model, compat)
     lite = ToastLite(bb, args.classes)
     late = Toast(bb, args.classes, ToastConfig(feedback_to=depth // 2))
+    toast_c = Toast(bb, args.classes)
+    toast_c.load_state_dict(toast.state_dict())
+    late_c = Toast(bb, args.classes, ToastConfig(feedback_to=depth // 2))
+    late_c.load_state_dict(late.state_dict())
     floor = TwoPassFloor(bb, args.classes, 0)
     late_floor = TwoPassFloor(bb, args.classes, depth // 2)
 
@@ -208,6 +245,13 @@ def main() -> None:
         diff = (reference(images) - compat(images).logits).abs().max().item()
     if diff > 1e-4:
         raise SystemExit(f"The reference and TOAST (official_compat) disagree by {diff:.2e}.")
+    with torch.no_grad():
+        cdiff = max(
+            (cached_forward(c, images, True)(images) - m(images).logits).abs().max().item()
+            for c, m in ((toast_c, toast), (late_c, late))
+        )
+    if cdiff > 1e-5:
+        raise SystemExit(f"The cached and the uncached TOAST forward disagree by {cdiff:.2e}.")
 
     steps = {
         "full": make_step(full, method_forward(full), images, labels, clock),
@@ -215,6 +259,10 @@ def main() -> None:
         "toast": make_step(toast, method_forward(toast), images, labels, clock),
         "toast_lite": make_step(lite, method_forward(lite), images, labels, clock),
         f"late_k{depth // 2}": make_step(late, method_forward(late), images, labels, clock),
+        "toast_cached": make_step(toast_c, cached_forward(toast_c, images, True), images, labels, clock),
+        "toast_fill": make_step(toast_c, cached_forward(toast_c, images, False), images, labels, clock),
+        "late_cached": make_step(late_c, cached_forward(late_c, images, True), images, labels, clock),
+        "late_fill": make_step(late_c, cached_forward(late_c, images, False), images, labels, clock),
         "floor": make_step(floor, floor, images, labels, clock),
         f"floor_k{depth // 2}": make_step(late_floor, late_floor, images, labels, clock),
     }
@@ -233,6 +281,7 @@ def main() -> None:
         f"{args.clock} clock, {args.warmup} warm-up + {args.repeats} timed rounds"
     )
     print(f"reference check: max |logit diff| reference vs TOAST official_compat = {diff:.1e}")
+    print(f"cache check: max |logit diff| cached vs uncached forward (TOAST, late) = {cdiff:.1e}")
     print(f"{'method':<12} {'median ms':>10} {'min ms':>8} {'x full':>7} {'x ref':>7}  trainable")
     counts = {
         "full": full.trainable_count(),
@@ -240,6 +289,10 @@ def main() -> None:
         "toast": toast.trainable_count(),
         "toast_lite": lite.trainable_count(),
         f"late_k{depth // 2}": late.trainable_count(),
+        "toast_cached": toast_c.trainable_count(),
+        "toast_fill": toast_c.trainable_count(),
+        "late_cached": late_c.trainable_count(),
+        "late_fill": late_c.trainable_count(),
         "floor": sum(p.numel() for p in floor.parameters()),
         f"floor_k{depth // 2}": sum(p.numel() for p in late_floor.parameters()),
     }
@@ -255,6 +308,11 @@ def main() -> None:
         "late_vs_ref": med[f"late_k{depth // 2}"] / med["reference"],
         "floor_vs_ref": med["floor"] / med["reference"],
         "late_floor_vs_ref": med[f"floor_k{depth // 2}"] / med["reference"],
+        "toast_cached_vs_ref": med["toast_cached"] / med["reference"],
+        "late_cached_vs_ref": med["late_cached"] / med["reference"],
+        "toast_cached_vs_full": med["toast_cached"] / med["full"],
+        "toast_fill_vs_ref": med["toast_fill"] / med["reference"],
+        "late_fill_vs_ref": med["late_fill"] / med["reference"],
     }
     verdicts = [f"{k} {result[k]:.2f} {'<=' if result[k] <= v else '>'} {v:.2f}" for k, v in TARGETS.items()]
     print("targets: " + "; ".join(verdicts))
