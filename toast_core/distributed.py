@@ -37,6 +37,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from toast_core.data.base import LabeledImages
+    from toast_core.data.files import FileSet
     from toast_core.methods.base import SteeringMethod
 
 #: entry keys every rank already has the same value of (never averaged)
@@ -218,25 +219,29 @@ def _buckets(params: Sequence[torch.nn.Parameter]) -> list[list[torch.nn.Paramet
 
 def evaluate(
     method: SteeringMethod,
-    data: LabeledImages,
-    world: World,
+    data: LabeledImages | FileSet,
+    world: World | None,
     batch_size: int = 64,
     cancel: Any = None,
 ) -> dict[str, float]:
-    """`train.evaluate` over this rank's shard, summed over ranks; {} when any rank was cancelled."""
-    from toast_core.train import evaluate as evaluate_local  # train imports this module
+    """`evaluation.evaluate` over this rank's shard (a FileSet is streamed in chunks), summed over
+    ranks: {"acc", "loss", "n"}; {} when any rank was cancelled. `world` None: one process, all of it."""
+    from toast_core.evaluation import evaluate as evaluate_local  # above this module's layer
 
-    part = rank_slice(len(data), world)
+    part = rank_slice(len(data), world) if world is not None else slice(0, len(data))
     shard = data.subset(list(range(part.start, part.stop)))
-    local = evaluate_local(method, shard, batch_size, cancel=cancel) if len(shard) else {"acc": 0.0, "loss": 0.0, "n": 0}
+    chunks = shard.chunks(batch_size) if hasattr(shard, "chunks") else ([shard] if len(shard) else [])
+    sums = [0.0, 0.0, 0.0]
+    for chunk in chunks:
+        if cancel is not None and cancel.is_set():
+            break
+        got = evaluate_local(method, chunk, batch_size, cancel=cancel)
+        sums = [sums[0] + got["acc"] * got["n"], sums[1] + got["loss"] * got["n"], sums[2] + got["n"]]
     stopped = cancel is not None and cancel.is_set()
-    n = float(local["n"])
-    t = torch.tensor(
-        [local["acc"] * n, local["loss"] * n, n, 1.0 if stopped else 0.0],
-        dtype=torch.float64,
-        device=_comm_device(world),
-    )
-    _guarded("the evaluation reduce", dist.all_reduce, t)
+    t = torch.tensor([*sums, 1.0 if stopped else 0.0], dtype=torch.float64)
+    if world is not None:
+        t = t.to(_comm_device(world))
+        _guarded("the evaluation reduce", dist.all_reduce, t)
     if t[3] > 0:
         return {}
     total = max(float(t[2]), 1.0)
