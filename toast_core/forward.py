@@ -9,7 +9,9 @@ Nothing is registered on the model, so the shared frozen backbone is never mutat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +98,7 @@ class SteeredOutput:
     attn_logits: dict[int, Tensor] = field(default_factory=dict)
     block_inputs: dict[int, Tensor] = field(default_factory=dict)
     block_outputs: dict[int, Tensor] = field(default_factory=dict)
+    kept: Tensor | None = None  # (B, K) patch indices kept under `keep_patches`; None: all (or resumed)
 
     @property
     def patch_tokens(self) -> Tensor:
@@ -145,6 +148,39 @@ def embed(model: VisionTransformer, images: Tensor) -> tuple[Tensor, tuple[int, 
     x = model.patch_drop(x)
     x = model.norm_pre(x)
     return x, grid
+
+
+# Patch indices every steered forward in this context keeps (token deletion); a context variable
+# rather than an argument so that every method's own forward (TOAST's pass 1, a teacher pass) honours
+# it unchanged, and each thread (a Streamlit session, a run worker) sees only its own.
+_KEEP: ContextVar[Tensor | None] = ContextVar("toast_keep_patches", default=None)
+
+
+@contextlib.contextmanager
+def keep_patches(index: Tensor) -> Iterator[None]:
+    """Inside, every steered forward that embeds images keeps only patch tokens `index` (B, K) (row
+    order = the image's, ascending patch order kept) and drops the rest from the sequence, after the
+    positions are added. Prefix tokens (CLS, distillation, registers) stay, and prompts are inserted
+    later, so they stay too: deletion native to a ViT, with no fill value."""
+    token = _KEEP.set(index)
+    try:
+        yield
+    finally:
+        _KEEP.reset(token)
+
+
+def _drop_patches(x: Tensor, keep: Tensor, num_prefix: int, num_patches: int) -> Tensor:
+    """Keep prefix tokens and the patch tokens `keep` (B, K) of an embedded stream (B, prefix + P, d)."""
+    if x.shape[1] != num_prefix + num_patches:
+        raise ValueError(f"Deletion expects {num_prefix} prefix + {num_patches} patches, got {x.shape[1]}.")
+    keep = keep.to(x.device, torch.long)
+    if keep.ndim != 2 or keep.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"keep_patches needs (B, K) indices for {x.shape[0]} images: {tuple(keep.shape)}.")
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= num_patches):
+        raise IndexError(f"Patch indices must be in [0, {num_patches}).")
+    keep = keep.expand(x.shape[0], -1)
+    patches = x[:, num_prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :num_prefix], patches], dim=1)
 
 
 def _with_prompts(x: Tensor, prompts: Tensor, num_prefix: int, num_prompts: int) -> Tensor:
@@ -215,6 +251,10 @@ def _attention(
             out.cls_attn[layer] = weights[:, :, 0] if has_cls else weights.mean(dim=2)
         if override is not None:
             weights = override.to(weights.dtype)
+            if want_map:  # report the map the block used, as a graph node so gradient views reach it
+                if torch.is_grad_enabled() and not weights.requires_grad:
+                    weights = weights.detach().requires_grad_(True)
+                out.attn[layer] = weights
         o = attn.attn_drop(weights) @ v
     elif torch.is_grad_enabled() and v.requires_grad and not (q.requires_grad or k.requires_grad):
         # Only the values carry a gradient (the first block a value signal reaches): the fused
@@ -287,14 +327,19 @@ def steered_forward(
             images = steer.transform_input(images)
         x, grid = embed(model, images)
         num_prompts = 0
+        kept = _KEEP.get()
+        if kept is not None:
+            x = _drop_patches(x, kept, num_prefix, grid[0] * grid[1])
     else:
         if grid is None:
             raise ValueError("Resuming from `hidden` needs its grid as well.")
         x = hidden
+        kept = None  # a resumed stream already is what its first pass kept
 
     out = SteeredOutput(
-        tokens=x, hidden=x, patch_start=num_prefix + num_prompts, num_prompts=num_prompts, grid=grid
-    )
+        tokens=x, hidden=x, patch_start=num_prefix + num_prompts, num_prompts=num_prompts, grid=grid,
+        kept=kept,
+    )  # fmt: skip
     for layer in range(start_block, stop):
         blk = model.blocks[layer]
         if steer is not None:

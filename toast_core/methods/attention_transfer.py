@@ -211,11 +211,10 @@ class AttentionCopy(StudentMethod):
             out = steered_forward(self.student, images, steer=self, capture=capture)
         finally:
             self._override = {}
-        # report the attention the student actually used in the transferred blocks
+        # report the attention the student actually used in the transferred blocks (the forward
+        # already reports an override as the full map)
         has_cls = self.student.cls_token is not None
         for layer in layers:
-            if layer in out.attn:
-                out.attn[layer] = teacher["attn"][layer]
             if layer in out.cls_attn:
                 out.cls_attn[layer] = readout_rows(teacher["attn"][layer], has_cls)
             if layer in out.attn_logits:

@@ -171,7 +171,7 @@ class SteeringMethod(nn.Module, Steer):
         return self.trainable_count() / max(total, 1)
 
     def views(self) -> tuple[str, ...]:
-        return ("cls", "rollout", "grad_rollout", "gradcam", *self.extra_views)
+        return ("cls", "rollout", "grad_rollout", "gradcam", "relevance", *self.extra_views)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -5,6 +5,8 @@ One job per module, read in this order:
 - `cls`: CLS-row attention per layer × head; `rollout`: attention rollout;
 - `gradients`: FORT's gradient rollout; `gradcam`: Grad-CAM (captum or autograd);
 - `toast_views`: TOAST's selection mask and pass-1 / pass-2 maps;
+- `relevance`: class-specific relevance (Chefer et al. 2021's gradient-weighted rule);
+- `faithfulness`: MoRF / LeRF deletion curves of any map, their areas, a data-set summary;
 - `registry`: views by name (`compute_view`) and differences between two modules;
 - `focus`: focus metrics against a mask or box (`focus_summary` is what every table reports).
 Import from `toast_core.views`; the submodules are where to read (and where a new view goes).
@@ -12,6 +14,13 @@ Import from `toast_core.views`; the submodules are where to read (and where a ne
 
 from toast_core.views.base import AttentionView, HeadSpec, ViewUnavailable, method_label, patch_start
 from toast_core.views.cls import ClsMaps, cls_maps, cls_view
+from toast_core.views.faithfulness import (
+    DeletionCurves,
+    deletion_curves,
+    faithfulness_curves,
+    faithfulness_summary,
+    rank_patches,
+)
 from toast_core.views.focus import (
     Region,
     area_share,
@@ -31,6 +40,7 @@ from toast_core.views.gradients import (
     gradient_rollout_view,
 )
 from toast_core.views.registry import VIEWS, compute_view, difference, difference_view
+from toast_core.views.relevance import relevance, relevance_from, relevance_view
 from toast_core.views.rollout import attention_rollout, cls_and_rollout, rollout_readout, rollout_view
 from toast_core.views.toast_views import selection_view, toast_pass_views
 
@@ -38,6 +48,7 @@ __all__ = [
     "VIEWS",
     "AttentionView",
     "ClsMaps",
+    "DeletionCurves",
     "HeadSpec",
     "Region",
     "ViewUnavailable",
@@ -47,9 +58,12 @@ __all__ = [
     "cls_maps",
     "cls_view",
     "compute_view",
+    "deletion_curves",
     "difference",
     "difference_view",
     "entropy",
+    "faithfulness_curves",
+    "faithfulness_summary",
     "focus_metrics",
     "focus_ratio",
     "focus_share",
@@ -63,7 +77,11 @@ __all__ = [
     "method_label",
     "patch_start",
     "pointing_game",
+    "rank_patches",
     "region_to_grid",
+    "relevance",
+    "relevance_from",
+    "relevance_view",
     "rollout_readout",
     "rollout_view",
     "selection_view",

@@ -13,6 +13,7 @@ from toast_core.views.base import AttentionView
 from toast_core.views.cls import cls_view
 from toast_core.views.gradcam import gradcam
 from toast_core.views.gradients import gradient_rollout_view
+from toast_core.views.relevance import relevance_view
 from toast_core.views.rollout import rollout_view
 from toast_core.views.toast_views import _pass1, _pass2, selection_view
 
@@ -25,6 +26,7 @@ VIEWS: dict[str, Callable[..., AttentionView]] = {
     "rollout": rollout_view,
     "grad_rollout": gradient_rollout_view,
     "gradcam": gradcam,
+    "relevance": relevance_view,
     "selection": selection_view,
     "toast_pass1": _pass1,
     "toast_pass2": _pass2,
