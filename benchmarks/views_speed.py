@@ -2,7 +2,9 @@
 
 CLS maps (every layer × head) + rollout come from ONE forward per module (full maps captured);
 target: ≤ 1.0 s for all six on the embedded backbone. Grad-CAM and gradient rollout (a backward
-each) are reported separately.
+each) are reported separately. Class relevance (Chefer et al. 2021: one forward + backward each;
+target ≤ 0.5 s for six) and MoRF + LeRF token-deletion curves of the relevance maps (20 steps, each
+step one forward of both orders; target ≤ 2 s for six) are timed for the six modules together.
 
 Modules: six from the method registry (fresh, untrained: this measures speed, not quality); where
 fewer than six names are registered the rest are plain `SteeringMethod`s with distinct random heads,
@@ -30,6 +32,9 @@ from toast_core.methods.base import MethodConfig, SteeringMethod  # noqa: E402
 
 PREFERRED = ("linear", "lora", "vpt", "toast", "bitfit", "visual_prompt", "full")
 TARGET_S = 1.0
+RELEVANCE_TARGET_S = 0.5
+FAITHFULNESS_TARGET_S = 2.0
+FAITHFULNESS_STEPS = 20
 
 
 def build_modules(
@@ -126,6 +131,16 @@ def main() -> None:
         A.cls_and_rollout(m, x)
         A.gradcam(m, x)
         A.gradient_rollout(m, x)
+    maps = [A.relevance_view(m, x).map for _, _, m in modules]
+    A.deletion_curves(modules[0][2], x, maps[0], steps=2, orders=("morf", "lerf"))
+    t_rel = timed(lambda: [A.relevance_view(m, x) for _, _, m in modules], args.repeats)
+    t_faith = timed(
+        lambda: [
+            A.deletion_curves(m, x, mp, steps=FAITHFULNESS_STEPS, orders=("morf", "lerf"))
+            for (_, _, m), mp in zip(modules, maps)
+        ],
+        args.repeats,
+    )
 
     rows = []
     for label, src, m in modules:
@@ -148,10 +163,19 @@ def main() -> None:
         f"CLS maps + rollout for six modules: {six[0]:.3f} s wall, {six[1]:.3f} s CPU "
         f"(target ≤ {TARGET_S:.1f} s wall: {verdict})"
     )
+    for name, t, target in (
+        ("Class relevance", t_rel, RELEVANCE_TARGET_S),
+        (f"MoRF + LeRF curves ({FAITHFULNESS_STEPS} steps)", t_faith, FAITHFULNESS_TARGET_S),
+    ):
+        print(
+            f"{name} for six modules: {t[0]:.3f} s wall, {t[1]:.3f} s CPU "
+            f"(target ≤ {target:.1f} s wall: {'met' if t[0] <= target else 'MISSED'})"
+        )
     print(
         f"RESULT six_modules_s={six[0]:.4f} gradcam_s={cam[0]:.4f} grad_rollout_s={grad[0]:.4f} "
         f"six_modules_cpu_s={six[1]:.4f} gradcam_cpu_s={cam[1]:.4f} target_met={int(six[0] <= TARGET_S)} "
-        f"smoke={int(args.smoke)}"
+        f"relevance_s={t_rel[0]:.4f} relevance_cpu_s={t_rel[1]:.4f} faithfulness_s={t_faith[0]:.4f} "
+        f"faithfulness_cpu_s={t_faith[1]:.4f} smoke={int(args.smoke)}"
     )
 
 

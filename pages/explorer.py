@@ -14,6 +14,7 @@ from toast_core.viz import (
     box_from_selection,
     box_picker_figure,
     comparison_figure,
+    deletion_figure,
     difference_figure,
     layer_head_figure,
 )
@@ -168,6 +169,30 @@ def show_focus(image: S.ImageChoice, views: list[S.ModuleView], overlays: list[n
         st.image(tiles, caption=[mv.label for mv in views if mv.view is not None], width=150)
 
 
+def show_faithfulness(backbone, image: S.ImageChoice, views: list[S.ModuleView]) -> None:
+    """Deletion curves of every module's map, computed when switched on (one forward per step)."""
+    st.caption("Does the module use what its map points at? Patches are deleted in the map's order — most "
+               "relevant first (MoRF), least relevant first (LeRF), random (the baseline) — and the probability "
+               "of the class predicted on the whole image is followed. Faithful: MoRF falls fast (small area) "
+               "and LeRF stays high (large area).")
+    c1, c2, c3 = st.columns([1, 2, 1])
+    steps = c1.number_input("Steps", 2, 50, 20, key="ex_faith_steps")
+    mode = c2.radio("Deletion", list(S.DELETION_MODES), key="ex_faith_mode")
+    with_random = c3.toggle("Random baseline", value=True, key="ex_faith_random")
+    if not st.toggle("Compute the deletion curves", value=False, key="ex_faith_on"):
+        return
+    with st.spinner("Deleting patches…"):
+        pairs = S.module_curves(backbone, views, image, int(steps), S.DELETION_MODES[mode], with_random)
+    if not pairs:
+        st.info("No module has a map to rank the patches by.")
+        return
+    st.plotly_chart(deletion_figure([c for _, c in pairs], [mv.label for mv, _ in pairs]), key="ex_faith_fig")
+    st.dataframe(S.faithfulness_table(pairs, image), hide_index=True, width="stretch")
+    st.caption("AUC: area under the curve over the share deleted (0–1). Focus ratio: the same map's share "
+               "on the deciding object over its area — plausibility beside faithfulness. Dropped tokens "
+               "leave the sequence; mean-fill shows the model a flat patch it never saw in training.")
+
+
 def show_export(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, cmap: str, view: str) -> None:
     if not any(mv.view is not None for mv in views):
         return
@@ -206,7 +231,7 @@ def main() -> None:
                f"{next(k for k, v in S.VIEW_LABELS.items() if v == view)}")
 
     overlays = compare.overlay_tiles(image, views, alpha, cmap)  # once: two tabs show them
-    tabs = st.tabs(["Overlays", "Heat maps", "Difference", "Focus", "Layers × heads", "Export"])
+    tabs = st.tabs(["Overlays", "Heat maps", "Difference", "Focus", "Faithfulness", "Layers × heads", "Export"])
     with tabs[0]:
         show_overlays(image, views, overlays)
     with tabs[1]:
@@ -224,13 +249,15 @@ def main() -> None:
     with tabs[3]:
         show_focus(image, views, overlays)
     with tabs[4]:
+        show_faithfulness(backbone, image, views)
+    with tabs[5]:
         labels = {mv.key: mv.label for mv in views}
         key = st.selectbox("Module", list(labels), format_func=lambda k: labels[k], key="ex_grid_module")
         maps, layers = S.cls_grid(backbone, key, image)
         fig = layer_head_figure(maps, layers, title=f"CLS attention of {labels[key]}")
         fig.update_layout(height=140 * len(layers) + 80)
         st.plotly_chart(fig, key="ex_grid_fig")
-    with tabs[5]:
+    with tabs[6]:
         show_export(image, views, alpha, cmap, view)
 
 

@@ -35,7 +35,7 @@ BASE_KEY = "base"
 SCENE_PREFIX = "scene:"
 #: views that read one layer (and one head or the head mean); the others span all layers
 LAYERED_VIEWS = frozenset({"cls", "toast_pass1", "toast_pass2"})
-GRADIENT_VIEWS = frozenset({"grad_rollout", "gradcam"})
+GRADIENT_VIEWS = frozenset({"grad_rollout", "gradcam", "relevance"})
 VIEW_NAMES: tuple[str, ...] = tuple(VIEW_FUNCTIONS)
 BOX_COLOUR = (255, 255, 255)
 LABEL_HEIGHT = 30  # two lines of the default font: module, then prediction

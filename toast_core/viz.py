@@ -425,3 +425,30 @@ def read_csv_map(path: str | Path) -> np.ndarray:
     for r in rows:
         out[int(r["image"]), int(r["row"]), int(r["col"])] = float(r["value"])
     return out
+
+
+#: line style of each deletion order (views.faithfulness.ORDERS)
+ORDER_DASH = {"morf": "solid", "lerf": "dash", "random": "dot"}
+ORDER_NAMES = {"morf": "MoRF", "lerf": "LeRF", "random": "random"}
+
+
+def deletion_figure(curves: Sequence[Any], labels: Sequence[str] | None = None, title: str = "") -> go.Figure:
+    """Deletion curves (`views.DeletionCurves`, batch mean) of several modules on one figure: one
+    colour per module, one line style per order (MoRF solid, LeRF dashed, random dotted)."""
+    palette = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+    fig = go.Figure()
+    for i, c in enumerate(curves):
+        label = labels[i] if labels is not None else c.method
+        colour = palette[i % len(palette)]
+        for order, probs in c.probs.items():
+            fig.add_trace(go.Scatter(
+                x=c.fractions, y=probs.mean(axis=0), mode="lines", legendgroup=label,
+                name=f"{label} · {ORDER_NAMES.get(order, order)}",
+                line=dict(color=colour, dash=ORDER_DASH.get(order, "solid"), width=2),
+            ))  # fmt: skip
+    fig.update_layout(
+        title=title or None, xaxis_title="share of patches deleted", yaxis_title="probability of the predicted class",
+        yaxis=dict(range=[0, 1.02]), xaxis=dict(range=[0, 1]), legend=dict(font=dict(size=11)),
+        margin=dict(l=10, r=10, t=40 if title else 10, b=10), height=380,
+    )  # fmt: skip
+    return fig

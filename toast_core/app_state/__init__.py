@@ -45,6 +45,7 @@ from .explorer import (
     scene_image,
     views_csv_bytes,
 )
+from .faithfulness import AUC_COLUMNS, DELETION_MODES, faithfulness_table, module_curves
 from .fewshot import FORT_BASES, fewshot_episode, position_prompts
 from .session import (
     BACKBONE_ENV,
@@ -92,6 +93,7 @@ from .tuning import (
 )
 
 __all__ = [
+    "AUC_COLUMNS", "DELETION_MODES", "faithfulness_table", "module_curves",
     "BACKBONE_ENV", "BACKBONE_FILES_DIR", "BASE_KEY", "BackboneError", "BackboneSpec", "DATASETS_DIR",
     "FIXTURE", "FIXTURE_LABEL", "FOCUS_IMAGES", "FORT_BASES", "FieldSpec", "GRADIENT_VIEWS", "HEAD_VIEWS",
     "ImageChoice", "LAYERED_VIEWS", "MAX_IMAGE_MB", "MAX_WEIGHTS_MB", "MAX_ZIP_MB", "ModuleView", "PRESETS",

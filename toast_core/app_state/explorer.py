@@ -75,12 +75,13 @@ VIEW_LABELS: dict[str, str] = {
     "Attention rollout": "rollout",
     "Gradient rollout (FORT)": "grad_rollout",
     "Grad-CAM": "gradcam",
+    "Class relevance (Chefer 2021)": "relevance",
     "TOAST pass 1 vs pass 2": TOAST_PASSES,
     "TOAST selection mask": "selection",
 }
 LAYERED_VIEWS = frozenset({"cls", TOAST_PASSES})
 HEAD_VIEWS = frozenset({"cls", TOAST_PASSES})
-GRADIENT_VIEWS = frozenset({"grad_rollout", "gradcam"})
+GRADIENT_VIEWS = frozenset({"grad_rollout", "gradcam", "relevance"})
 TOAST_VIEWS = frozenset({TOAST_PASSES, "selection"})
 
 

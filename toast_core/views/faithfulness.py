@@ -128,7 +128,7 @@ def deletion_curves(
             p0, target = _probs(method, x, target)
         tiled_x, tiled_t = x.repeat(n_order, 1, 1, 1), target.repeat(n_order)
         columns = [p0.repeat(n_order)]
-        for c in counts[1:]:
+        for c in np.unique(counts[1:]):  # a small grid repeats counts: one forward each
             if mode == "tokens":
                 keep = ranks[:, int(c) :].sort(dim=1).values
                 with keep_patches(keep):
@@ -138,7 +138,8 @@ def deletion_curves(
                 deleted.scatter_(1, ranks[:, : int(c)], True)
                 filled = _mean_fill(tiled_x, deleted, grid, tuple(method.layout.patch_size))
                 columns.append(_probs(method, filled, tiled_t)[0])
-    table = torch.stack(columns, dim=1).reshape(n_order, batch, len(counts)).cpu().numpy()
+    at = np.searchsorted(np.unique(counts[1:]), counts[1:]) + 1
+    table = torch.stack(columns, dim=1)[:, [0, *at]].reshape(n_order, batch, len(counts)).cpu().numpy()
     return DeletionCurves(
         method_label(method), view, mode, counts / n_patch, {o: table[i] for i, o in enumerate(orders)},
         target.cpu().numpy(), {"steps": steps, "seed": seed, "num_patches": n_patch},

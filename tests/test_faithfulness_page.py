@@ -1,0 +1,74 @@
+"""The Explorer's Faithfulness tab, driven by AppTest on the fixture backbone: the curves and the AUC
+table appear when switched on, show the library's numbers, and follow the deletion settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 180
+MORF = "MoRF AUC (lower = faithful)"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lab_env(tmp_path_factory: pytest.TempPathFactory):
+    runs = tmp_path_factory.mktemp("faith_runs")
+    old = {k: os.environ.get(k) for k in ("TOAST_LAB_BACKBONE", "TOAST_LAB_RUNS_DIR")}
+    os.environ.update(TOAST_LAB_BACKBONE="fixture", TOAST_LAB_RUNS_DIR=str(runs))
+    yield runs
+    from toast_core import app_state as S
+
+    try:
+        S.run_manager(S.spec_from_env()).shutdown(timeout=30)
+    except Exception:
+        pass
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _faith_table(at):
+    tables = [d.value for d in at.dataframe if MORF in d.value.columns]
+    assert len(tables) == 1, [list(d.value.columns) for d in at.dataframe]
+    return tables[0]
+
+
+def test_faithfulness_tab_shows_curves_and_aucs_beside_focus() -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from toast_core import compare
+    from toast_core.app_state import session
+    from toast_core.views import cls_view, deletion_curves
+
+    at = AppTest.from_file(str(ROOT / "pages/explorer.py"), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert not any(MORF in d.value.columns for d in at.dataframe)  # nothing computed until asked
+    at.number_input(key="ex_faith_steps").set_value(8)
+    at.toggle(key="ex_faith_on").set_value(True).run()
+    assert not at.exception, at.exception
+    assert any(c.key == "ex_faith_fig" for c in at.get("plotly_chart"))
+    table = _faith_table(at)
+    assert list(table["module"]) == ["base backbone (no head)"]
+    assert {"LeRF AUC (higher = faithful)", "random AUC", "LeRF − MoRF", "focus ratio"} <= set(table.columns)
+    # the page shows the library's numbers: the base module's CLS map on the same scene, 8 steps
+    backbone = session.shared_backbone(session.spec_from_env())
+    image = compare.scene_image(at.selectbox(key="ex_task").value, "test", 0, int(backbone.layout.img_size[0]))
+    method = compare.base_module(backbone)
+    x = compare.model_input(backbone, image.rgb)
+    expected = deletion_curves(method, x, cls_view(method, x).map, steps=8).summary()
+    assert float(table[MORF][0]) == pytest.approx(expected["morf_auc"], abs=1e-6)
+    assert float(table["LeRF − MoRF"][0]) == pytest.approx(expected["gap"], abs=1e-6)
+    assert 0.0 <= float(table[MORF][0]) <= 1.0 and np.isfinite(float(table["focus ratio"][0]))
+    # pixel mean-fill without the random baseline: other numbers, no random column
+    at.radio(key="ex_faith_mode").set_value("Mean-fill the pixels (for comparison)")
+    at.toggle(key="ex_faith_random").set_value(False).run()
+    assert not at.exception
+    filled = _faith_table(at)
+    assert "random AUC" not in filled.columns
+    assert float(filled[MORF][0]) != pytest.approx(float(table[MORF][0]), abs=1e-9)
