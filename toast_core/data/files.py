@@ -152,6 +152,10 @@ class FileBatches:
                 idx = idx[distributed.rank_slice(len(idx), world)]
             yield idx.tolist()
 
+    def close(self) -> None:
+        """Stop the decode workers (before the next loader forks: a stale iterator must not be inherited)."""
+        self._it = None
+
     def __call__(self, step: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         if self._it is None:
             self._generator, self._batch_size = generator, batch_size
