@@ -64,7 +64,9 @@ def main() -> None:
     manager = S.run_manager()
     with_focus = st.toggle("Measure focus (last-layer CLS attention on the deciding object, "
                            f"{S.FOCUS_IMAGES} built-in test scenes per run)", value=True, key="bm_focus_on")
-    rows = S.benchmark_rows(manager, backbone, with_focus=with_focus)
+    with_faith = st.toggle("Measure faithfulness (the same maps' MoRF / LeRF token-deletion curves, "
+                           f"{S.FAITH_STEPS} steps; slower)", value=False, key="bm_faith_on")
+    rows = S.benchmark_rows(manager, backbone, with_focus=with_focus, with_faithfulness=with_faith)
     if not rows:
         st.info("No runs in the registry yet: train some in the Tuning Lab.")
         return
@@ -79,6 +81,10 @@ def main() -> None:
             "trainable %": st.column_config.NumberColumn(format="%.3f"),
             "ms / image (train)": st.column_config.NumberColumn(format="%.2f"),
             "focus ratio": st.column_config.NumberColumn(format="%.2f", help="1 = chance (the area share)"),
+            "MoRF AUC": st.column_config.NumberColumn(
+                format="%.3f", help="area under the class probability as the most attended patches go (lower = faithful)"),
+            "LeRF − MoRF": st.column_config.NumberColumn(
+                format="%.3f", help="least-first minus most-first deletion area (higher = the map is used)"),
         },
     )
     st.download_button("Download CSV", df.to_csv(index=False).encode(), file_name="benchmark.csv",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -215,3 +216,28 @@ def test_faithfulness_summary_over_a_data_set() -> None:
         assert s[f"{key}_lo"] <= s[key] <= s[f"{key}_hi"], key
     assert 0 <= s["morf_auc"] <= 1
     assert s == V.faithfulness_summary(method, data, "relevance", steps=4, batch_size=4, n_boot=200)  # seeded
+
+
+def test_cli_eval_reports_deletion_aucs_with_intervals(tmp_path, capsys) -> None:
+    from toast_core import cli
+    from toast_core.bundles import list_runs
+
+    fix = ["--backbone", "fixture", "--runs-dir", str(tmp_path)]
+    assert cli.main(["train", "--method", "linear", "--task", "stars", "--per-class", "1", "--val-per-class", "0",
+                     "--steps", "2", "--batch-size", "4", "--threads", "1", "--quiet", "--json", *fix]) == 0  # fmt: skip
+    run_id = list_runs(tmp_path)[0].run_id
+    capsys.readouterr()
+    results = {}
+    for mode in ("tokens", "mean_fill"):
+        code = cli.main(["eval", run_id, "--per-class", "1", "--view", "relevance", "--faithfulness", "4",
+                         "--deletion", mode, "--json", *fix])  # fmt: skip
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        results[mode] = r = json.loads(out)
+        assert r["faith_steps"] == 4 and r["deletion"] == mode and "focus_ratio" in r
+        for key in ("morf_auc", "lerf_auc", "random_auc", "gap"):
+            assert r[f"{key}_lo"] <= r[key] <= r[f"{key}_hi"], key
+        assert r["gap"] == pytest.approx(r["lerf_auc"] - r["morf_auc"])
+    assert results["tokens"]["morf_auc"] != pytest.approx(results["mean_fill"]["morf_auc"], abs=1e-9)
+    code = cli.main(["eval", run_id, "--per-class", "1", "--json", *fix])
+    assert code == 0 and "morf_auc" not in json.loads(capsys.readouterr().out)  # off unless asked

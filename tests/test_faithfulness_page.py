@@ -72,3 +72,58 @@ def test_faithfulness_tab_shows_curves_and_aucs_beside_focus() -> None:
     filled = _faith_table(at)
     assert "random AUC" not in filled.columns
     assert float(filled[MORF][0]) != pytest.approx(float(table[MORF][0]), abs=1e-9)
+
+
+def test_benchmark_page_measures_faithfulness_of_a_finished_run() -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from toast_core import app_state as S
+
+    manager = S.run_manager(S.spec_from_env())
+    run_id = manager.submit(
+        {"method": "linear", "task": "stars", "per_class": 1, "val_per_class": 1, "snapshot_every": 0,
+         "checkpoint_every": 0, "train": {"steps": 3, "batch_size": 4, "eval_every": 0}}
+    )  # fmt: skip
+    assert manager.wait(run_id, timeout=120).state == "done"
+    at = AppTest.from_file(str(ROOT / "pages/benchmark.py"), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    table = at.dataframe[-1].value
+    assert table["MoRF AUC"].isna().all()  # off by default: it costs a forward per step
+    at.toggle(key="bm_faith_on").set_value(True).run()
+    assert not at.exception, at.exception
+    row = at.dataframe[-1].value.iloc[0]
+    assert 0.0 <= row["MoRF AUC"] <= 1.0 and np.isfinite(row["LeRF − MoRF"])
+    lo, hi = (float(v) for v in row["gap 95% CI"].strip("[]").split(","))
+    assert lo <= row["LeRF − MoRF"] <= hi
+    expected = S.run_faithfulness(S.spec_from_env().key, run_id, float(manager.status(run_id).ended or 0), "stars")
+    assert row["MoRF AUC"] == pytest.approx(expected["morf_auc"]) and expected["n"] == S.FOCUS_IMAGES
+
+
+def test_gradio_table_has_the_deletion_aucs_of_each_shown_map(tmp_path: Path) -> None:
+    from toast_core import cli
+    from toast_core.bundles import list_runs
+    from toast_core.cli import backbone_from_spec
+    from toast_core.compare import load_module_ref, model_input
+    from toast_core.data.images import load_image
+    from toast_core.gradio_app import FAITH_STEPS, TABLE_HEADERS, DemoContext, run_comparison, write_examples
+    from toast_core.views import cls_view, deletion_curves
+
+    assert cli.main(["train", "--method", "linear", "--task", "stars", "--per-class", "1", "--val-per-class", "0",
+                     "--steps", "2", "--batch-size", "4", "--threads", "1", "--quiet", "--backbone", "fixture",
+                     "--runs-dir", str(tmp_path / "runs")]) == 0  # fmt: skip
+    run_id = list_runs(tmp_path / "runs")[0].run_id
+    example = str(write_examples(tmp_path / "examples", size=64)[0])
+    backbone = backbone_from_spec("fixture")
+    ctx = DemoContext(backbone, tmp_path / "runs", cpu_threads=1)
+    try:
+        _, table, _, _ = run_comparison(ctx, example, ["base", run_id], "cls", -1, "mean")
+    finally:
+        ctx.close()
+    col = {name: i for i, name in enumerate(TABLE_HEADERS)}
+    base, run = table
+    assert base[col["MoRF AUC"]] is None  # no trained head: no prediction to follow
+    method = load_module_ref(run_id, backbone, [tmp_path / "runs"])
+    x = model_input(backbone, load_image(Path(example)))
+    expected = deletion_curves(method, x, cls_view(method, x).map, steps=FAITH_STEPS, orders=("morf", "lerf"))
+    assert run[col["MoRF AUC"]] == pytest.approx(expected.summary()["morf_auc"], abs=1e-6)
+    assert run[col["LeRF − MoRF"]] == pytest.approx(expected.summary()["gap"], abs=1e-6)

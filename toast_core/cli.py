@@ -218,18 +218,30 @@ def _eval_data(task: str, split: str, per_class: int, seed: int, size: int) -> A
     raise UsageError(f"eval takes a built-in task or 'folder:<path>', not an episode ('{task}'); pass --task.")
 
 
-def evaluate_module(method: Any, data: Any, view: str = "cls", layer: int = -1, batch_size: int = 32) -> dict[str, Any]:
+def evaluate_module(
+    method: Any, data: Any, view: str = "cls", layer: int = -1, batch_size: int = 32,
+    faithfulness_steps: int = 0, deletion: str = "tokens",
+) -> dict[str, Any]:  # fmt: skip
     """Accuracy (train.evaluate) and, when the data has masks, focus of `view` on the deciding object:
-    mean focus share, mean area share (chance), focus ratio = their quotient, pointing-game rate."""
+    mean focus share, mean area share (chance), focus ratio = their quotient, pointing-game rate.
+    With `faithfulness_steps`, also the view's MoRF / LeRF / random deletion AUCs and their gap with
+    bootstrap 95% intervals (`views.faithfulness_summary`)."""
 
     from toast_core.compare import view_kwargs
     from toast_core.train import evaluate, view_over
     from toast_core.views import focus_summary
 
     metrics: dict[str, Any] = dict(evaluate(method, data, batch_size))
+    kwargs = view_kwargs(view, layer, "mean")
+    if faithfulness_steps > 0:
+        from toast_core.views import faithfulness_summary
+
+        faith = faithfulness_summary(method, data, view, steps=faithfulness_steps, mode=deletion,
+                                     batch_size=batch_size, **kwargs)  # fmt: skip
+        metrics.update(faith_steps=faith["steps"], deletion=faith["mode"],
+                       **{k: v for k, v in faith.items() if k.startswith(("morf", "lerf", "random", "gap"))})
     if data.masks is None:
         return metrics
-    kwargs = view_kwargs(view, layer, "mean")
     maps = view_over(method, data.images, view, batch_size, **kwargs).map
     metrics.update(view=view, **focus_summary(maps, data.masks.cpu().numpy()))
     return metrics
@@ -256,7 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = _eval_data(task, args.split, args.per_class, args.data_seed, int(backbone.layout.img_size[0]))
     if data.num_classes != method.num_classes:
         raise ValueError(f"The module has {method.num_classes} classes but task '{task}' has {data.num_classes}.")
-    metrics = evaluate_module(method, data, args.view, args.layer, args.batch_size)
+    metrics = evaluate_module(method, data, args.view, args.layer, args.batch_size, args.faithfulness, args.deletion)
     result = {"module": str(getattr(method, "label", method.name)), "method": method.name, "task": task,
               "split": args.split, **metrics}
     if args.json:
@@ -438,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--view", default="cls", help="view for the focus score (default cls)")
     p.add_argument("--layer", type=int, default=-1, help="layer for single-layer views (default -1)")
+    p.add_argument("--faithfulness", type=int, default=0, metavar="STEPS",
+                   help="also the view's MoRF / LeRF / random deletion AUCs in STEPS steps (e.g. 20; default 0 = off)")
+    p.add_argument("--deletion", default="tokens", choices=("tokens", "mean_fill"),
+                   help="delete patch tokens from the sequence (default) or mean-fill their pixels")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")

@@ -61,11 +61,14 @@ VIEW_CHOICES: tuple[tuple[str, str], ...] = (
     ("Attention rollout", "rollout"),
     ("Gradient rollout (FORT)", "grad_rollout"),
     ("Grad-CAM", "gradcam"),
+    ("Class relevance (Chefer 2021)", "relevance"),
     ("TOAST pass 1 (unsteered)", "toast_pass1"),
     ("TOAST pass 2 (steered)", "toast_pass2"),
     ("TOAST selection mask", "selection"),
 )
-TABLE_HEADERS = ["module", "prediction", "confidence", "focus share", "area share", "focus ratio", "peak inside", "note"]
+TABLE_HEADERS = ["module", "prediction", "confidence", "focus share", "area share", "focus ratio", "peak inside",
+                 "MoRF AUC", "LeRF − MoRF", "note"]
+FAITH_STEPS = 10  # deletion steps per curve for the table's faithfulness columns (two forwards a step)
 COLOUR_MAPS = ("jet", "inferno", "viridis", "magma", "turbo", "hot")
 LOG = logging.getLogger("toast_core.gradio_app")
 
@@ -199,13 +202,14 @@ def run_comparison(
     tiles = overlay_tiles(image, usable, alpha=float(alpha), cmap=cmap, box=box)
     gallery = [(tile, r.caption()) for tile, r in zip(tiles, usable)]
     scores = {row["module"]: row for row in focus_rows(usable, box, image.size)} if box else {}
+    faith = _faithfulness(ctx, modules, usable, image.rgb)
     table = []
     for r in results:
-        row = {**prediction_row(r), **scores.get(r.label, {})}
+        row = {**prediction_row(r), **scores.get(r.label, {}), **faith.get(r.key, {})}
         table.append([
             r.label, row["prediction"] if r.view is not None else "", row["confidence"],
             row.get("focus_share"), row.get("area_share"), row.get("focus_ratio"), row.get("pointing_game"),
-            r.error or "",
+            row.get("morf_auc"), row.get("gap"), r.error or "",
         ])
     figure = comparison_image(image, results, alpha=float(alpha), cmap=cmap, box=box) if usable else None
     h, w = image.size
@@ -213,6 +217,22 @@ def run_comparison(
     if not box:
         note += " Give a box to score focus."
     return gallery, table, figure, note
+
+
+def _faithfulness(
+    ctx: DemoContext, modules: dict[str, SteeringMethod], usable: Sequence[Any], rgb: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """MoRF / LeRF deletion AUCs of each shown map (token deletion, FAITH_STEPS steps), by module ref;
+    none for a base without a trained head (its prediction means nothing)."""
+    from toast_core.compare import model_input
+    from toast_core.views import deletion_curves
+
+    x = model_input(ctx.backbone, rgb)
+    return {
+        r.key: deletion_curves(modules[r.key], x, r.view.map, steps=FAITH_STEPS, orders=("morf", "lerf")).summary()
+        for r in usable
+        if not (r.is_base and not r.class_names)
+    }
 
 
 # --- tuning ----------------------------------------------------------------------------------------

@@ -11,13 +11,14 @@ import torch
 from toast_core.backbone import Backbone
 from toast_core.checkpoints import CheckpointError
 from toast_core.runs import RunError, RunManager
-from toast_core.views import ViewUnavailable, compute_view, focus_summary
+from toast_core.views import ViewUnavailable, compute_view, faithfulness_summary, focus_summary
 
 from .explorer import model_input, scene_image
 from .session import _cached_backbone, _cached_run_module, active_spec, runs_root
 from .tuning import module_card
 
 FOCUS_IMAGES = 16  # built-in test images per run for the benchmark's focus column
+FAITH_STEPS = 10  # deletion steps per curve in the benchmark's faithfulness columns
 
 
 @st.cache_data(show_spinner="Measuring focus on built-in test scenes…", max_entries=256)
@@ -40,8 +41,30 @@ def run_focus(backbone_key: tuple[str, str, str], run_id: str, stamp: float, tas
     return focus_summary(view, masks, images[0].size)["focus_ratio"]
 
 
-def benchmark_rows(manager: RunManager, backbone: Backbone, with_focus: bool = True) -> list[dict[str, Any]]:
-    """One row per run: method, task, state, accuracy, trainable %, step time, focus."""
+@st.cache_data(show_spinner="Deleting patches on built-in test scenes…", max_entries=256)
+def run_faithfulness(backbone_key: tuple[str, str, str], run_id: str, stamp: float, task: str) -> dict[str, Any] | None:
+    """Deletion faithfulness of the same last-layer CLS map on the same FOCUS_IMAGES scenes
+    (`views.faithfulness_summary`: token deletion, FAITH_STEPS steps, bootstrap 95% intervals);
+    None for tasks that are not built-in."""
+    from toast_core.data.base import LabeledImages
+    from toast_core.data.scenes import TASKS
+
+    base_task = task.rsplit(":", 1)[-1] if task.startswith("episode:") else task
+    if base_task not in TASKS:
+        return None
+    backbone = _cached_backbone(backbone_key)
+    method = _cached_run_module(str(runs_root()), backbone_key, run_id, stamp)
+    size = int(backbone.layout.img_size[0])
+    images = [scene_image(base_task, "test", i, size) for i in range(FOCUS_IMAGES)]
+    rgb = torch.from_numpy(np.stack([img.rgb for img in images])).permute(0, 3, 1, 2).contiguous()
+    data = LabeledImages(rgb, torch.zeros(len(images), dtype=torch.long), list(TASKS[base_task].classes))
+    return faithfulness_summary(method, data, "cls", steps=FAITH_STEPS, batch_size=FOCUS_IMAGES, layer=-1, head="mean")
+
+
+def benchmark_rows(
+    manager: RunManager, backbone: Backbone, with_focus: bool = True, with_faithfulness: bool = False
+) -> list[dict[str, Any]]:
+    """One row per run: method, task, state, accuracy, trainable %, step time, focus, faithfulness."""
     rows = []
     for r in manager.list(history=False):
         card = module_card(manager, r.run_id) if r.state == "done" else None
@@ -53,6 +76,12 @@ def benchmark_rows(manager: RunManager, backbone: Backbone, with_focus: bool = T
                 focus = run_focus(active_spec().key, r.run_id, float(r.ended or 0), r.task)
             except (RunError, CheckpointError, ViewUnavailable):
                 focus = None
+        faith = None
+        if with_faithfulness and own and r.state == "done" and r.checkpoint:
+            try:
+                faith = run_faithfulness(active_spec().key, r.run_id, float(r.ended or 0), r.task)
+            except (RunError, CheckpointError, ViewUnavailable):
+                faith = None
         rows.append({
             "run": r.name,
             "run_id": r.run_id,
@@ -64,6 +93,9 @@ def benchmark_rows(manager: RunManager, backbone: Backbone, with_focus: bool = T
             "trainable %": None if share is None else 100.0 * float(share),
             "ms / image (train)": r.timings.get("train_ms_per_img"),
             "focus ratio": focus,
+            "MoRF AUC": None if faith is None else faith["morf_auc"],
+            "LeRF − MoRF": None if faith is None else faith["gap"],
+            "gap 95% CI": None if faith is None else f"[{faith['gap_lo']:.3f}, {faith['gap_hi']:.3f}]",
             "steps": r.step,
             "device": r.device,
             "backbone": r.backbone.get("name", ""),
