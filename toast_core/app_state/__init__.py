@@ -22,7 +22,7 @@ from __future__ import annotations
 from toast_core.backbone import BackboneError
 
 from .backbones import WEIGHT_SUFFIXES, active_runs, save_weights_upload, try_backbone
-from .benchmark import FOCUS_IMAGES, benchmark_rows, run_focus
+from .benchmark import FAITH_STEPS, FOCUS_IMAGES, benchmark_rows, run_faithfulness, run_focus
 from .datasets import dataset_summary, import_dataset_zip
 from .explorer import (
     GRADIENT_VIEWS,
@@ -93,7 +93,7 @@ from .tuning import (
 )
 
 __all__ = [
-    "AUC_COLUMNS", "DELETION_MODES", "faithfulness_table", "module_curves",
+    "AUC_COLUMNS", "DELETION_MODES", "FAITH_STEPS", "faithfulness_table", "module_curves", "run_faithfulness",
     "BACKBONE_ENV", "BACKBONE_FILES_DIR", "BASE_KEY", "BackboneError", "BackboneSpec", "DATASETS_DIR",
     "FIXTURE", "FIXTURE_LABEL", "FOCUS_IMAGES", "FORT_BASES", "FieldSpec", "GRADIENT_VIEWS", "HEAD_VIEWS",
     "ImageChoice", "LAYERED_VIEWS", "MAX_IMAGE_MB", "MAX_WEIGHTS_MB", "MAX_ZIP_MB", "ModuleView", "PRESETS",
