@@ -7,6 +7,10 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +245,18 @@ def test_cli_eval_reports_deletion_aucs_with_intervals(tmp_path, capsys) -> None
     assert results["tokens"]["morf_auc"] != pytest.approx(results["mean_fill"]["morf_auc"], abs=1e-9)
     code = cli.main(["eval", run_id, "--per-class", "1", "--json", *fix])
     assert code == 0 and "morf_auc" not in json.loads(capsys.readouterr().out)  # off unless asked
+
+
+def test_focus_faithfulness_figure_script_smoke(tmp_path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "fig.png"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/focus_faithfulness.py", "--smoke", "--steps", "2", "--threads", "1", "--out", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT task=stars n=8 modules=3 steps=2") and "smoke=1" in last
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    numbers = json.loads(out.with_suffix(".json").read_text())
+    assert set(numbers) == {"linear", "lora", "vpt"} and {"cls", "relevance"} <= set(numbers["vpt"])
