@@ -430,7 +430,8 @@ class _Loop:
             "train_s": float(sum(self.step_times)),
             "final_eval_s": eval_s,
             "total_s": total_s,
-            "images_seen": float(sum(self.step_images)),
+            "images_seen": float(sum(self.step_images)),  # this process's (one rank's share under torchrun)
+            **({"processes": float(self.world.size)} if self.world is not None else {}),
         }
 
     def memory(self) -> dict[str, Any]:
