@@ -1,36 +1,18 @@
-"""The Explorer's Faithfulness tab, driven by AppTest on the fixture backbone: the curves and the AUC
-table appear when switched on, show the library's numbers, and follow the deletion settings."""
+"""Faithfulness in the front ends, on the fixture backbone: the Explorer's tab (AppTest: curves and
+the AUC table appear when switched on, show the library's numbers, follow the deletion settings), the
+Benchmark page's columns and the Gradio table."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_app_pages import lab_env  # noqa: F401 - the fixture backbone and a temporary registry
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 180
+TIMEOUT = 180  # seconds per script run, as test_app_pages
 MORF = "MoRF AUC (lower = faithful)"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def lab_env(tmp_path_factory: pytest.TempPathFactory):
-    runs = tmp_path_factory.mktemp("faith_runs")
-    old = {k: os.environ.get(k) for k in ("TOAST_LAB_BACKBONE", "TOAST_LAB_RUNS_DIR")}
-    os.environ.update(TOAST_LAB_BACKBONE="fixture", TOAST_LAB_RUNS_DIR=str(runs))
-    yield runs
-    from toast_core import app_state as S
-
-    try:
-        S.run_manager(S.spec_from_env()).shutdown(timeout=30)
-    except Exception:
-        pass
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _faith_table(at):

@@ -10,10 +10,11 @@ import torch
 
 from toast_core.backbone import Backbone
 from toast_core.checkpoints import CheckpointError
+from toast_core.methods.base import SteeringMethod
 from toast_core.runs import RunError, RunManager
 from toast_core.views import ViewUnavailable, compute_view, faithfulness_summary, focus_summary
 
-from .explorer import model_input, scene_image
+from .explorer import ImageChoice, model_input, scene_image
 from .session import _cached_backbone, _cached_run_module, active_spec, runs_root
 from .tuning import module_card
 
@@ -21,11 +22,11 @@ FOCUS_IMAGES = 16  # built-in test images per run for the benchmark's focus colu
 FAITH_STEPS = 10  # deletion steps per curve in the benchmark's faithfulness columns
 
 
-@st.cache_data(show_spinner="Measuring focus on built-in test scenes…", max_entries=256)
-def run_focus(backbone_key: tuple[str, str, str], run_id: str, stamp: float, task: str) -> float | None:
-    """Focus ratio (last-layer CLS attention on the deciding object over its area share, as
-    `views.focus_summary` defines it for every table) on FOCUS_IMAGES built-in test scenes;
-    None for tasks without masks."""
+def _run_and_scenes(
+    backbone_key: tuple[str, str, str], run_id: str, stamp: float, task: str
+) -> tuple[Backbone, SteeringMethod, list[ImageChoice], list[str]] | None:
+    """The backbone, the run's module and FOCUS_IMAGES test scenes of its (base) task with the
+    task's class names; None for tasks that are not built-in (no masks)."""
     from toast_core.data.scenes import TASKS
 
     base_task = task.rsplit(":", 1)[-1] if task.startswith("episode:") else task
@@ -35,6 +36,18 @@ def run_focus(backbone_key: tuple[str, str, str], run_id: str, stamp: float, tas
     method = _cached_run_module(str(runs_root()), backbone_key, run_id, stamp)
     size = int(backbone.layout.img_size[0])
     images = [scene_image(base_task, "test", i, size) for i in range(FOCUS_IMAGES)]
+    return backbone, method, images, list(TASKS[base_task].classes)
+
+
+@st.cache_data(show_spinner="Measuring focus on built-in test scenes…", max_entries=256)
+def run_focus(backbone_key: tuple[str, str, str], run_id: str, stamp: float, task: str) -> float | None:
+    """Focus ratio (last-layer CLS attention on the deciding object over its area share, as
+    `views.focus_summary` defines it for every table) on FOCUS_IMAGES built-in test scenes;
+    None for tasks without masks."""
+    found = _run_and_scenes(backbone_key, run_id, stamp, task)
+    if found is None:
+        return None
+    backbone, method, images, _ = found
     batch = torch.cat([model_input(backbone, img) for img in images])  # one forward, not 16
     view = compute_view("cls", method, batch, layer=-1, head="mean")
     masks = np.stack([img.mask for img in images])
@@ -47,17 +60,13 @@ def run_faithfulness(backbone_key: tuple[str, str, str], run_id: str, stamp: flo
     (`views.faithfulness_summary`: token deletion, FAITH_STEPS steps, bootstrap 95% intervals);
     None for tasks that are not built-in."""
     from toast_core.data.base import LabeledImages
-    from toast_core.data.scenes import TASKS
 
-    base_task = task.rsplit(":", 1)[-1] if task.startswith("episode:") else task
-    if base_task not in TASKS:
+    found = _run_and_scenes(backbone_key, run_id, stamp, task)
+    if found is None:
         return None
-    backbone = _cached_backbone(backbone_key)
-    method = _cached_run_module(str(runs_root()), backbone_key, run_id, stamp)
-    size = int(backbone.layout.img_size[0])
-    images = [scene_image(base_task, "test", i, size) for i in range(FOCUS_IMAGES)]
+    _, method, images, classes = found
     rgb = torch.from_numpy(np.stack([img.rgb for img in images])).permute(0, 3, 1, 2).contiguous()
-    data = LabeledImages(rgb, torch.zeros(len(images), dtype=torch.long), list(TASKS[base_task].classes))
+    data = LabeledImages(rgb, torch.arange(len(images)) % len(classes), classes)  # scene i has label i mod k
     return faithfulness_summary(method, data, "cls", steps=FAITH_STEPS, batch_size=FOCUS_IMAGES, layer=-1, head="mean")
 
 
