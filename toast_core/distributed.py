@@ -101,6 +101,21 @@ def init_from_env(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) ->
     return current()
 
 
+def ensure_joined(device: torch.device) -> World | None:
+    """The world a training loop on `device` belongs to. Inside a torchrun launch whose script never
+    called `init_from_env` (a benchmark runner, a notebook), join on first use, so `train` still
+    trains one run over every rank instead of N copies of it."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return current()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda" and (device.index or 0) != local_rank:
+        raise ValueError(
+            f"Under torchrun, rank with LOCAL_RANK={local_rank} trains on {device}; load the backbone on "
+            f"cuda:{local_rank} (toast_core.distributed.device_for) so every rank has its own GPU."
+        )
+    return init_from_env("cuda" if device.type == "cuda" else "cpu")
+
+
 def device_for(world: World | None, requested: str = "auto") -> str:
     """The device this rank trains on: its own GPU under nccl, else what was asked for."""
     if world is not None and world.backend == "nccl":

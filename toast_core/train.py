@@ -279,7 +279,7 @@ class _Loop:
         self.is_cuda = device.type == "cuda"
         seed_global(config.seed)  # a fine-tuned backbone's own dropout / drop-path, if enabled
         method.seed_streams(config.seed)  # prompt dropout, random prompt locations (per run, thread-safe)
-        self.world = distributed.current()  # several processes (torchrun): see toast_core.distributed
+        self.world = distributed.ensure_joined(device)  # several processes (torchrun): toast_core.distributed
         if self.world is not None:
             distributed.broadcast_module(method, self.world)
         self.generator = torch.Generator().manual_seed(config.seed)  # batch order
