@@ -16,7 +16,8 @@ from PIL import Image
 import toast_core.runs as runs
 from toast_core.methods import build_method
 from toast_core.methods.fort import FortMixin
-from toast_core.runs import RunConfig, RunError, RunManager, parse_task
+from toast_core.runs import RunConfig, RunError, RunManager, devices, execute, listener, owners, parse_task
+from toast_core.runs.execute import Executor
 from toast_core.train import TrainConfig, cls_attention_grid, evaluate, lr_at, train
 
 WAIT_S = 60.0
@@ -107,7 +108,7 @@ def test_submit_refuses_what_cannot_run_here(manager, tmp_path):
 def test_resumed_schedule_continues_the_learning_rate():
     base = TrainConfig(steps=20, lr=0.1, warmup_steps=3, min_lr=0.1)
     for offset in (2, 8, 19):
-        rest = runs._resume_train_config(base, offset)
+        rest = execute._resume_train_config(base, offset)
         assert rest.steps == 20 - offset
         assert lr_at(0, rest) == pytest.approx(lr_at(offset, base), rel=1e-6)
         assert lr_at(rest.steps - 1, rest) == pytest.approx(lr_at(19, base), rel=1e-6)
@@ -232,7 +233,7 @@ def test_fort_methods_run_from_the_queue_with_prompts_from_their_training_images
 
 def test_a_resumed_fort_run_trains_with_the_prompts_it_started_with(manager, monkeypatch):
     prompts: list[torch.Tensor] = []
-    real_prepare, real_step = RunManager._prepare_fort, runs._Listener.on_step
+    real_prepare, real_step = Executor._prepare_fort, listener._Listener.on_step
 
     def keep_prompts(self, rec, method, *args):
         out = real_prepare(self, rec, method, *args)
@@ -244,8 +245,8 @@ def test_a_resumed_fort_run_trains_with_the_prompts_it_started_with(manager, mon
         if self.offset == 0 and step == 4:
             self.manager.cancel(self.record.status.run_id)
 
-    monkeypatch.setattr(RunManager, "_prepare_fort", keep_prompts)
-    monkeypatch.setattr(runs._Listener, "on_step", cancel_at_step_4)
+    monkeypatch.setattr(Executor, "_prepare_fort", keep_prompts)
+    monkeypatch.setattr(listener._Listener, "on_step", cancel_at_step_4)
     run_id = manager.submit(cfg(method="fort_bitfit", train=dict(steps=8, batch_size=4, lr=5e-2)))
     stopped = manager.wait(run_id, WAIT_S)
     assert stopped.state == "cancelled" and stopped.step == 4, stopped.error
@@ -258,14 +259,14 @@ def test_a_resumed_fort_run_trains_with_the_prompts_it_started_with(manager, mon
 
 # --- failures -------------------------------------------------------------------------------------
 def test_a_failing_run_is_recorded_and_the_next_one_completes(manager, monkeypatch):
-    real_train = runs.train
+    real_train = execute.train
 
     def flaky_train(method, *args, **kwargs):
         if method.name == "bitfit":
             raise RuntimeError("boom in the training loop")
         return real_train(method, *args, **kwargs)
 
-    monkeypatch.setattr(runs, "train", flaky_train)
+    monkeypatch.setattr(execute, "train", flaky_train)
     bad = manager.submit(cfg(method="bitfit"))
     out_of_range = manager.submit(cfg(probe_index=99))  # fails in the worker, on real code
     good = manager.submit(cfg())
@@ -285,7 +286,7 @@ def test_cuda_out_of_memory_is_reported_with_the_batch_size(manager, monkeypatch
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(runs, "train", oom)
+    monkeypatch.setattr(execute, "train", oom)
     s = manager.wait(manager.submit(cfg(train=dict(steps=5, batch_size=6))), WAIT_S)
     assert s.state == "failed" and s.error_kind == "oom"
     assert "out of memory" in s.error and "batch size 6" in s.error
@@ -434,7 +435,7 @@ def test_folder_tasks_read_split_layouts_and_refuse_mismatched_classes(tmp_path)
 def test_folder_and_episode_tasks_on_two_parallel_cpu_workers(tmp_path, fixture_backbone):
     folder = _image_folder(tmp_path / "shapes")
     mgr = RunManager(tmp_path / "runs", fixture_backbone, cpu_workers=2)
-    assert mgr.cpu_threads == max(1, runs._cpu_cores() // 2)  # parallel runs share the cores
+    assert mgr.cpu_threads == max(1, devices._cpu_cores() // 2)  # parallel runs share the cores
     a = mgr.submit(cfg(task=f"folder:{folder}", per_class=2, val_per_class=1, probe_index=1))
     b = mgr.submit(cfg(task=f"episode:2:1:2:folder:{folder}", probe_index=3))
     s_a, s_b = mgr.wait(a, WAIT_S), mgr.wait(b, WAIT_S)
@@ -493,9 +494,9 @@ def test_a_run_owned_by_a_live_process_is_left_alone_until_it_dies(tmp_path, fix
         status_path = root / run_id / "status.json"
         raw = json.loads(status_path.read_text())
         owner = {
-            "host": runs._HOST,
+            "host": owners._HOST,
             "pid": other.pid,
-            "start": runs._process_start(other.pid),
+            "start": owners._process_start(other.pid),
             "manager": "x",
         }
         raw.update(state="running", owner=owner)

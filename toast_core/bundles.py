@@ -38,7 +38,6 @@ from toast_core.backbone import Backbone
 from toast_core.checkpoints import CheckpointError, load_module, paths_for, read_card
 from toast_core.data.zip_import import ZipImportError, _safe_parts
 from toast_core.runs import (
-    _STATUS_FIELDS,
     CONFIG_FILE,
     HISTORY_FILE,
     MODULE_STEM,
@@ -48,6 +47,7 @@ from toast_core.runs import (
 )
 from toast_core.runs import FORMAT as RUN_FORMAT
 from toast_core.runs import FORMAT_VERSION as RUN_FORMAT_VERSION
+from toast_core.runs.record import _STATUS_FIELDS
 
 BUNDLE_FORMAT = "toast-run-bundle"
 BUNDLE_VERSION = 1
