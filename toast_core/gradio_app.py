@@ -19,8 +19,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +59,7 @@ MAX_TUNE_STEPS = 300
 MAX_TUNE_PER_CLASS = 50
 MAX_IMAGE_MB = 20
 MODULE_CACHE_SIZE = 32
+OUTPUT_TTL_S = 600  # a request's PNGs are removed this long after it (Gradio copies them first)
 VIEW_CHOICES: tuple[tuple[str, str], ...] = (
     ("CLS attention", "cls"),
     ("Attention rollout", "rollout"),
@@ -92,6 +96,7 @@ class DemoContext:
         self._modules: OrderedDict[tuple[str, float], SteeringMethod] = OrderedDict()
         self._lock = threading.Lock()
         self._manager: RunManager | None = None
+        self._outputs: Path | None = None
 
     # --- modules ------------------------------------------------------------------------------
     def choices(self) -> list[tuple[str, str]]:
@@ -140,11 +145,41 @@ class DemoContext:
                                            cpu_threads=self.cpu_threads)
             return self._manager
 
+    # --- output files -------------------------------------------------------------------------
+    def output_pngs(self, images: Sequence[np.ndarray | Any]) -> list[str]:
+        """One request's images as PNG files named for this request alone. Returned as arrays, Gradio
+        writes identical outputs of concurrent requests to ONE content-addressed cache file, rewriting
+        it in place each time, so a client still downloading it got a truncated body under load
+        (benchmarks/load.py); a file path is copied into that cache once, under its own name."""
+        from PIL import Image
+
+        with self._lock:
+            if self._outputs is None:
+                self._outputs = Path(tempfile.mkdtemp(prefix="toast-demo-outputs-"))
+            outputs = self._outputs
+        now = time.time()
+        for old in outputs.iterdir():
+            try:
+                if now - old.stat().st_mtime > OUTPUT_TTL_S:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass  # another request removed it
+        folder = Path(tempfile.mkdtemp(dir=outputs))
+        paths = []
+        for i, image in enumerate(images):
+            path = folder / f"{folder.name}-{i}.png"
+            (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).save(path, format="PNG")
+            paths.append(str(path))
+        return paths
+
     def close(self) -> None:
         with self._lock:
             manager, self._manager = self._manager, None
+            outputs, self._outputs = self._outputs, None
         if manager is not None:
             manager.shutdown(cancel=True, wait=True, timeout=30)
+        if outputs is not None:
+            shutil.rmtree(outputs, ignore_errors=True)
 
 
 # --- the comparison (also the API endpoint) ---------------------------------------------------------
@@ -336,9 +371,12 @@ def build_demo(ctx: DemoContext, examples: Sequence[str] | None = None) -> gr.Bl
 
     def compare_fn(image, refs, view, layer, head, x0, y0, x1, y1, alpha, cmap):
         try:
-            return run_comparison(ctx, image, refs, view, layer, head, x0, y0, x1, y1, alpha, cmap)
+            gallery, table, figure, note = run_comparison(ctx, image, refs, view, layer, head, x0, y0, x1, y1, alpha, cmap)
         except errors as exc:
             raise _user_error(exc, "compare") from exc
+        paths = ctx.output_pngs([tile for tile, _ in gallery] + ([figure] if figure is not None else []))
+        tiles = [(path, caption) for path, (_, caption) in zip(paths, gallery)]
+        return tiles, table, paths[-1] if figure is not None else None, note
 
     def refresh_fn(selected):
         choices = ctx.choices()
