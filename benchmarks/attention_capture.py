@@ -63,9 +63,10 @@ def make_runners(model: VisionTransformer, images: torch.Tensor) -> dict[str, Ca
     ref, maps = hooked_copy(model)
 
     def hooks() -> list[torch.Tensor]:
-        maps.clear()
         ref.forward_features(images)
-        return list(maps)
+        got = list(maps)
+        maps.clear()  # the caller alone holds the maps, as with `SteeredOutput.attn` (none kept between calls)
+        return got
 
     return {
         "fused": lambda: model.forward_features(images),
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"{paired_ratio(cpu, name):>10.3f}  {verdict}"
         )
     print(f"(ratios: median over rounds of variant / fused in the same round; RESULT uses {args.clock} time)")
+    verdict = "ok" if ratios["full_maps"] <= ratios["hooks"] else "MISSED"
+    print(
+        f"full maps vs timm hooks in this run: {ratios['full_maps']:.3f} vs {ratios['hooks']:.3f} ({verdict})"
+    )
     print(
         f"RESULT cls_ratio={ratios['cls_rows']:.3f} full_ratio={ratios['full_maps']:.3f} "
         f"hooks_ratio={ratios['hooks']:.3f} steered_ratio={ratios['steered']:.3f} "

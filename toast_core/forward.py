@@ -215,6 +215,25 @@ def _value_change(attn: Attention, steer: Steer, layer: int, dtype: torch.dtype)
     return None if dv is None else dv.to(dtype)
 
 
+def _attention_by_image(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, keep_logits: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Explicit softmax attention (logits if kept, map, A·V) computed image by image into
+    whole-batch outputs, for CPU passes without a graph: each image's N×N block is still in cache
+    when its softmax and its A·V product read it (a batch's maps are megabytes), and without
+    `keep_logits` the softmax runs in place, so the full-map capture needs one N×N buffer per block,
+    not two. Same values as the batch-wide form."""
+    B, H, N, D = q.shape
+    weights, o = q.new_empty(B, H, N, N), q.new_empty(B, H, N, D)
+    logits = q.new_empty(B, H, N, N) if keep_logits else None
+    for i in range(B):
+        row = weights[i] if logits is None else logits[i]
+        torch.matmul(q[i] * scale, k[i].transpose(-2, -1), out=row)
+        torch.softmax(row, dim=-1, out=weights[i])
+        torch.matmul(weights[i], v[i], out=o[i])
+    return logits, weights, o
+
+
 def _attention(
     blk: Block,
     u: Tensor,
@@ -241,8 +260,13 @@ def _attention(
     override = steer.attention_override(layer) if steer is not None else None
     explicit = want_map or want_logits or override is not None or (want_row and not has_cls)
     if explicit:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        weights = logits.softmax(dim=-1)
+        graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        by_image = not (graph or override is not None or (attn.training and attn.attn_drop.p)) and q.is_cpu
+        if by_image:
+            logits, weights, o = _attention_by_image(q, k, v, attn.scale, want_logits)
+        else:
+            logits = (q * attn.scale) @ k.transpose(-2, -1)
+            weights = logits.softmax(dim=-1)
         if want_logits:
             out.attn_logits[layer] = logits
         if want_map:
@@ -255,7 +279,8 @@ def _attention(
                 if torch.is_grad_enabled() and not weights.requires_grad:
                     weights = weights.detach().requires_grad_(True)
                 out.attn[layer] = weights
-        o = attn.attn_drop(weights) @ v
+        if not by_image:
+            o = attn.attn_drop(weights) @ v
     elif torch.is_grad_enabled() and v.requires_grad and not (q.requires_grad or k.requires_grad):
         # Only the values carry a gradient (the first block a value signal reaches): the fused
         # kernel's backward recomputes the whole attention, while here it is one matmul Aᵀ·dO.
