@@ -60,11 +60,12 @@ def _reference_relevance(method: SteeringMethod, x: Tensor) -> np.ndarray:
         for a in maps:
             cam = np.clip(a.grad[b].double().numpy() * a[b].detach().double().numpy(), 0, None).mean(axis=0)
             r = r + cam @ r
-        out.append(r[0, prefix:].reshape(gh, gw))
+        row = r[0, prefix:] if model.cls_token is not None else r[prefix:, prefix:].mean(axis=0)
+        out.append(row.reshape(gh, gw))
     return np.stack(out)
 
 
-@pytest.mark.parametrize("kind", ["plain", "registers"])
+@pytest.mark.parametrize("kind", ["plain", "registers", "no_cls"])
 def test_relevance_equals_the_plain_reference_of_the_rule(kind: str) -> None:
     method = build_method("linear", _backbone(kind), 3)
     torch.nn.init.normal_(method.head.weight, std=1.0)
@@ -134,9 +135,12 @@ def test_token_deletion_keeps_prefix_register_and_prompt_tokens() -> None:
         method(x)
 
 
-@pytest.mark.parametrize("name", ["linear", "vpt", "toast", "attn_copy", "visual_prompt"])
-def test_deleting_nothing_equals_the_full_forward(name: str) -> None:
-    method = build_method(name, _backbone(), 3)
+@pytest.mark.parametrize(
+    "name,kind", [("linear", "plain"), ("linear", "no_cls"), ("vpt", "registers"), ("toast", "plain"),
+                  ("attn_copy", "plain"), ("visual_prompt", "plain")]
+)  # fmt: skip
+def test_deleting_nothing_equals_the_full_forward(name: str, kind: str) -> None:
+    method = build_method(name, _backbone(kind), 3)
     torch.nn.init.normal_(method.head.weight, std=1.0)
     method.eval()
     x = _images(3)
@@ -224,7 +228,7 @@ def test_faithfulness_summary_over_a_data_set() -> None:
 
 def test_cli_eval_reports_deletion_aucs_with_intervals(tmp_path, capsys) -> None:
     from toast_core import cli
-    from toast_core.bundles import list_runs
+    from toast_core.runs.registry import list_runs
 
     fix = ["--backbone", "fixture", "--runs-dir", str(tmp_path)]
     assert cli.main(["train", "--method", "linear", "--task", "stars", "--per-class", "1", "--val-per-class", "0",
