@@ -84,9 +84,16 @@ def home() -> None:
     st.caption(f"Registry: `{S.runs_root()}`")
 
     st.subheader("Lecture presets")
-    st.write("Built-in scenes with fixed indices that show each method's effect; each opens the Explorer.")
-    cols = st.columns(len(S.PRESETS))
-    for col, p in zip(cols, S.PRESETS):
+    shown = S.presets(backbone)
+    if shown is S.PRESETS:
+        st.write("Example built-in scenes; each opens the Explorer. (With the lecture zoo for this backbone, "
+                 "the presets are picked from the test split by measured criteria.)")
+    else:
+        st.write("Scenes picked from the test split by measured criteria over the lecture zoo's modules "
+                 "(e.g. the linear probe wrong and a steering module right); each opens the Explorer.")
+    cols = st.columns(min(4, len(shown)))
+    for i, p in enumerate(shown):
+        col = cols[i % len(cols)]
         with col, st.container(border=True):  # no fixed height: a long note never hides the button
             st.markdown(f"**{p.title}**")
             st.caption(f"{p.task} · {p.split} #{p.index} — {p.note}")

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             best[r.entry] = top["lr"]
     minutes = (time.perf_counter() - t_start) / 60
     print(f"val images per class: {VAL_PER_CLASS}; budget {args.budget:.2f} of each recipe's steps")
-    print("RESULT task={} minutes={:.1f} ".format(args.task, minutes) + " ".join(f"{k}={v:g}" for k, v in best.items()))
+    print(f"RESULT task={args.task} minutes={minutes:.1f} " + " ".join(f"{k}={v:g}" for k, v in best.items()))
     return 0
 
 

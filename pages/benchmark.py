@@ -58,17 +58,62 @@ def plots(df: pd.DataFrame) -> None:
             st.plotly_chart(fig, key="bm_focus")
 
 
+def zoo_section(backbone) -> None:
+    """The shipped lecture zoo: every method trained from its recipe, with 95% intervals."""
+    rows = S.zoo_table(S.active_spec().key)
+    if not rows:
+        return
+    st.subheader("The lecture zoo (shipped)")
+    st.caption("Every method trained on each built-in task from its lecture recipe (learning rates chosen "
+               "on the validation split), scored on the test split. Brackets: 95% intervals (Wilson for "
+               "accuracy, bootstrap over images for focus). Object share: the deciding object's share of "
+               "the attention that lands on objects; chance = its share of the objects' area.")
+    df = pd.DataFrame(rows)
+    tasks = sorted(df["task"].unique())
+    task = st.radio("Task", tasks, horizontal=True, key="bm_zoo_task")
+    mine = df[df["task"] == task]
+    st.dataframe(
+        mine.drop(columns=["key", "task"]), hide_index=True, width="stretch",
+        column_config={c: st.column_config.NumberColumn(format="%.3f") for c in
+                       ("test acc", "acc lo", "acc hi", "val acc", "object share", "object lo", "object hi",
+                        "object chance", "trainable %")} | {
+                       c: st.column_config.NumberColumn(format="%.2f") for c in ("focus ratio", "focus lo", "focus hi")},
+        key="bm_zoo_table",
+    )
+    task_rows = mine[mine["kind"] == "task"].sort_values("test acc")
+    c1, c2 = st.columns(2)
+    with c1:
+        fig = px.scatter(task_rows, x="test acc", y="entry", error_x=task_rows["acc hi"] - task_rows["test acc"],
+                         error_x_minus=task_rows["test acc"] - task_rows["acc lo"], title=f"Test accuracy on {task} (95% CI)")
+        fig.update_xaxes(ACCURACY_AXIS)
+        fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
+        st.plotly_chart(fig, key="bm_zoo_acc")
+    with c2:
+        fig = px.scatter(task_rows, x="object share", y="test acc", text="entry",
+                         title="Attention on the right object vs accuracy")
+        chance = float(task_rows["object chance"].mean())
+        fig.add_vline(x=chance, line_dash="dot", annotation_text="chance")
+        fig.update_traces(textposition="top center")
+        fig.update_yaxes(ACCURACY_AXIS)
+        fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
+        st.plotly_chart(fig, key="bm_zoo_focus")
+    st.download_button("Download the zoo table (CSV)", df.to_csv(index=False).encode(), file_name="zoo.csv",
+                       mime="text/csv", key="bm_zoo_csv")
+
+
 def main() -> None:
     st.title("Benchmark")
     backbone = S.require_backbone()
+    zoo_section(backbone)
     manager = S.run_manager()
+    st.subheader("Your runs")
     with_focus = st.toggle("Measure focus (last-layer CLS attention on the deciding object, "
                            f"{S.FOCUS_IMAGES} built-in test scenes per run)", value=True, key="bm_focus_on")
     with_faith = st.toggle("Measure faithfulness (the same maps' MoRF / LeRF token-deletion curves, "
                            f"{S.FAITH_STEPS} steps; slower)", value=False, key="bm_faith_on")
     rows = S.benchmark_rows(manager, backbone, with_focus=with_focus, with_faithfulness=with_faith)
     if not rows:
-        st.info("No runs in the registry yet: train some in the Tuning Lab.")
+        st.info("No runs of your own in the registry yet: train some in the Tuning Lab.")
         return
     df = filtered(pd.DataFrame(rows))
     st.dataframe(

@@ -22,10 +22,10 @@ from toast_core.viz import (
 SOURCES = ("Built-in scene", "Upload an image")
 
 
-def apply_preset() -> None:
+def apply_preset(backbone) -> None:
     """A preset chosen on the home page sets the widgets once, then leaves them to the user."""
     key = st.session_state.pop("explorer_preset", None)
-    p = S.preset(key) if key else None
+    p = S.preset(key, backbone) if key else None
     if p is None:
         return
     st.session_state.update(
@@ -62,19 +62,33 @@ def pick_image(size: int) -> S.ImageChoice | None:
         return None
 
 
-def pick_modules(backbone) -> list[str]:
+def pick_modules(backbone, task: str) -> list[str]:
+    """The modules to compare: the base backbone, the lecture zoo's modules for `task` (the first view
+    compares six of them), the user's finished runs, shipped checkpoints and other tasks' zoo."""
     manager = S.run_manager()
     done = S.finished_runs(manager, backbone)
     shipped = S.shipped_modules(backbone)
-    options = [S.BASE_KEY] + [r.run_id for r in done] + list(shipped)
-    labels = {S.BASE_KEY: S.base_module(backbone).label, **{r.run_id: S.run_label(r) for r in done}, **shipped}
-    default = options[: min(6, len(options))]
+    zoo = S.zoo_modules(backbone)
+    this_task = S.zoo_modules(backbone, task)
+    options = (
+        [S.BASE_KEY] + list(this_task) + [r.run_id for r in done] + list(shipped)
+        + [k for k in zoo if k not in this_task]
+    )
+    labels = {S.BASE_KEY: S.base_module(backbone).label, **zoo, **{r.run_id: S.run_label(r) for r in done}, **shipped}
+    first = S.zoo_first_view(backbone, task)[:6]
+    default = [S.BASE_KEY, *first] if first else options[: min(6, len(options))]
+    if st.session_state.get("ex_modules_task") != task:  # a new task: its zoo modules are the default
+        st.session_state["ex_modules_task"] = task
+        st.session_state.pop("ex_modules", None)
     chosen = st.multiselect(
         "Modules", options, default=default, format_func=lambda k: labels.get(k, k), key="ex_modules",
-        help="The base backbone and every finished run on this backbone.",
+        help="The base backbone, the lecture zoo (shipped, read-only: every method trained from its "
+        "recipe on this task) and every finished run on this backbone.",
     )
-    if len(options) == 1 + len(shipped):
+    if not zoo and len(options) == 1 + len(shipped):
         st.caption("Only the base backbone so far: train modules in the Tuning Lab to compare them here.")
+    elif this_task:
+        st.caption(f"Zoo modules were trained on **{task}**; their predictions name {task} classes.")
     return [k for k in chosen if k in labels]
 
 
@@ -160,11 +174,14 @@ def show_focus(image: S.ImageChoice, views: list[S.ModuleView], overlays: list[n
             return
         region = (x0, y0, x1, y1)
         st.caption(f"Box ({x0}, {y0})–({x1}, {y1}): {(x1 - x0) * (y1 - y0) / (w * h):.1%} of the image.")
-    rows = S.focus_table(views, region, image.size)
+    rows = S.focus_table(views, region, image.size, image.objects if use_mask else None)
     if rows:
         st.dataframe(rows, hide_index=True, width="stretch")
         st.caption("Focus share: attention mass inside the region; a uniform map scores the area share. "
-                   "Focus ratio = share / area (1 = chance).")
+                   "Focus ratio = share / area (1 = chance). A backbone pretrained on objects already "
+                   "looks at every object, distractors included; the share of object attention that "
+                   "lands on the deciding object, against its chance level, tells \"the right object\" "
+                   "from \"any object\".")
         tiles = compare.mark_region(overlays, box=None if use_mask else region, outline=region if use_mask else None)
         st.image(tiles, caption=[mv.label for mv in views if mv.view is not None], width=150)
 
@@ -207,13 +224,16 @@ def show_export(image: S.ImageChoice, views: list[S.ModuleView], alpha: float, c
 def main() -> None:
     st.title("Attention Explorer")
     backbone = S.require_backbone()
-    apply_preset()
+    apply_preset(backbone)
     size = int(backbone.layout.img_size[0])
     left, right = st.columns([2, 3], gap="large")
     with left:
         image = pick_image(size)
     with right:
-        keys = pick_modules(backbone)
+        task = st.session_state.get("ex_task") if image is not None and image.mask is not None else None
+        if task is None:
+            task = st.selectbox("Zoo modules trained on", list(TASKS), key="ex_zoo_task")
+        keys = pick_modules(backbone, task)
         view, layer, head = pick_view(backbone)
         with st.expander("Display"):
             alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="ex_alpha")

@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 
 from toast_core import app_state as S
+from toast_core import compare
 from toast_core.data.folder import ImageFolderError
 from toast_core.data.scenes import TASKS
 from toast_core.data.zip_import import ZipImportError
@@ -151,10 +152,44 @@ def show_runs(backbone, episode, key: str, prompt: dict) -> None:
                            width="stretch")
 
 
+def show_zoo(backbone, size: int) -> None:
+    """The zoo's shipped FORT modules: FT / LoRA with and without position prompts on one episode."""
+    rows = [r for r in S.zoo_table(S.active_spec().key) if r["kind"] == "episode"]
+    if not rows:
+        return
+    with st.expander("The lecture zoo's FORT modules (shipped)", expanded=True):
+        tasks = sorted({r["task"] for r in rows})
+        task = st.radio("Task", tasks, horizontal=True, key="fs_zoo_task")
+        mine = [r for r in rows if r["task"] == task]
+        classes = mine[0]["episode classes"]
+        st.caption(f"Tuned on one {len(classes)}-way episode of "
+                   f"**{task}** ({', '.join(classes)}), scored on every test image of those classes "
+                   f"(n = {mine[0]['n test']}); brackets: 95% Wilson intervals. Prompt on object: share of "
+                   "the position prompts' mass on the support images' deciding objects.")
+        st.dataframe(
+            [{"module": r["entry"], "method": r["method"], "test acc": r["test acc"],
+              "95% CI": f"[{r['acc lo']:.3f}, {r['acc hi']:.3f}]", "object share": r["object share"],
+              "prompt on object": r["prompt on object"]} for r in mine],
+            hide_index=True, width="stretch", key="fs_zoo_table",
+        )
+        index = st.number_input("Test scene of the episode's classes", 0, 200, 0, key="fs_zoo_index")
+        n_classes = len(TASKS[task].classes)
+        ids = mine[0]["episode class ids"]
+        scene = ids[int(index) % len(ids)] + n_classes * (int(index) // len(ids))
+        image = S.scene_image(task, "test", int(scene), size)
+        views = S.module_views(backbone, [r["key"] for r in mine], image, "cls", backbone.layout.depth - 1, "mean")
+        usable = [mv for mv in views if mv.view is not None]
+        cols = st.columns(len(usable) + 1)
+        cols[0].image(image.rgb, caption=f"{image.name} · true: {image.true_label}", width="stretch")
+        for col, mv, tile in zip(cols[1:], usable, compare.overlay_tiles(image, usable)):
+            col.image(tile, caption=f"{mv.label}: {mv.caption()}", width="stretch")
+
+
 def main() -> None:
     st.title("Few-shot with FORT")
     backbone = S.require_backbone()
     size = int(backbone.layout.img_size[0])
+    show_zoo(backbone, size)
     episode, key = pick_episode(size)
     if episode is None:
         return

@@ -15,7 +15,9 @@ from toast_core.data.folder import ImageFolderError
 from toast_core.data.scenes import TASKS
 from toast_core.data.zip_import import ZipImportError
 from toast_core.methods import method_names
+from toast_core.recipes import run_defaults
 from toast_core.runs import ACTIVE_STATES, RunError, RunStatus
+from toast_core.runs.torchrun import gpu_count
 from toast_core.viz import heatmap_image, normalise_maps, overlay
 
 POLL_S = 1.0  # seconds between refreshes of the run panel while a run is queued or running
@@ -94,15 +96,28 @@ def show_dataset(path: str, size: int) -> bool:
     return True
 
 
-def task_settings(size: int) -> dict[str, Any] | None:
+def follow_recipe(tag: str, values: dict[str, Any]) -> None:
+    """Set the data and budget widgets to a recipe's values when the method or task changes (once
+    per change, before the widgets are drawn), so the user's own edits stand until then."""
+    if st.session_state.get("tl_recipe_tag") != tag:
+        st.session_state["tl_recipe_tag"] = tag
+        st.session_state.update(values)
+    for key, value in values.items():
+        st.session_state.setdefault(key, value)
+
+
+def task_settings(size: int, method: str) -> dict[str, Any] | None:
     """The run's task string and data sizes, or None when the data is not ready."""
     source = st.radio("Data", TASK_SOURCES, key="tl_source", horizontal=True)
     c1, c2 = st.columns(2)
     if source == TASK_SOURCES[0]:
         task = st.selectbox("Task", list(TASKS), key="tl_task")
         st.caption(TASKS[task].description)
-        per_class = c1.number_input("Training images per class", 1, 1000, 20, key="tl_per_class")
-        val = c2.number_input("Validation images per class", 0, 1000, 10, key="tl_val")
+        d = run_defaults(task, method)
+        follow_recipe(f"{task}|{method}", {"tl_per_class": d["per_class"], "tl_val": d["val_per_class"],
+                                          "tl_steps": d["steps"], "tl_batch": d["batch_size"], "tl_lr": float(d["lr"])})
+        per_class = c1.number_input("Training images per class", 1, 1000, key="tl_per_class")
+        val = c2.number_input("Validation images per class", 0, 1000, key="tl_val")
         return {"task": task, "per_class": int(per_class), "val_per_class": int(val)}
     if source == TASK_SOURCES[1]:
         path = uploaded_dataset()
@@ -134,13 +149,21 @@ def new_run_form(backbone, manager) -> None:
                 "A few-shot episode (K images per class) is the setting FORT was made for.")
     settings = method_settings(method)
     size = int(backbone.layout.img_size[0])
-    data = task_settings(size)
+    data = task_settings(size, method)
 
-    st.markdown("**Budget**")
+    task = (data or {}).get("task", "")
+    d = run_defaults(task, method)
+    if not d["recipe"]:
+        follow_recipe("generic", {"tl_steps": d["steps"], "tl_batch": d["batch_size"], "tl_lr": float(d["lr"])})
+    st.markdown("**Budget**" + (f" — the lecture recipe `{d['recipe']}` for {task}" if d["recipe"] else ""))
     cols = st.columns(4)
-    steps = cols[0].number_input("Steps", 1, 100_000, 100, key="tl_steps")
-    batch = cols[1].number_input("Batch size", 1, 1024, 32, key="tl_batch")
-    lr = cols[2].number_input("Learning rate", 1e-6, 100.0, 1e-3, format="%g", key="tl_lr")
+    steps = cols[0].number_input("Steps", 1, 100_000, key="tl_steps")
+    batch = cols[1].number_input("Batch size", 1, 1024, key="tl_batch")
+    lr = cols[2].number_input("Learning rate", 1e-6, 100.0, format="%g", key="tl_lr")
+    expected = S.expected_train_s(task, method, int(steps), int(batch))
+    if expected is not None:
+        st.caption(f"Expected training time: about {expected / 60:.1f} min on 2 CPU cores "
+                   "(measured by the zoo build of this recipe, scaled to these steps and batch).")
     cols[3].metric("Image size", f"{size} px", help="The backbone's input size; images are resized to it.")
     cols = st.columns(4)
     eval_every = cols[0].number_input("Evaluate every (steps, 0 = end)", 0, 100_000, 25, key="tl_eval")
@@ -149,15 +172,26 @@ def new_run_form(backbone, manager) -> None:
                                            "also records one at its end (0 = only that one).")
     seed = cols[2].number_input("Seed", 0, 2**31 - 1, 0, key="tl_seed")
     devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    gpus = gpu_count()
+    if gpus > 1:  # one run over every GPU: a torchrun subprocess, one process per GPU
+        devices.append(f"all {gpus} GPUs (torchrun)")
     device = cols[3].selectbox("Device", devices, key="tl_device")
+    processes = gpus if device.startswith("all ") else 1
+    if gpus > 1:
+        st.caption(f"This machine has {gpus} GPUs: 'all {gpus} GPUs (torchrun)' trains one run on all of them "
+                   "(one process per GPU, the batch split across them, gradients all-reduced; the same module "
+                   "as one GPU up to rounding). Its progress appears here like any run's.")
     name = st.text_input("Run name (optional)", key="tl_name")
 
     if st.button("Submit run", type="primary", key="tl_submit", disabled=data is None):
         try:
             run_id = S.submit_run(
                 manager, method=method, method_config={**settings, "seed": int(seed)}, name=name.strip() or None,
-                train={"steps": int(steps), "batch_size": int(batch), "lr": float(lr), "eval_every": int(eval_every)},
-                device=device, seed=int(seed), snapshot_every=int(snap_every), **(data or {}),
+                train={"steps": int(steps), "batch_size": int(batch), "lr": float(lr), "eval_every": int(eval_every),
+                       "weight_decay": float(d["weight_decay"]), "warmup_steps": int(d["warmup_steps"]),
+                       **({"min_lr": d["min_lr"]} if d["recipe"] else {})},
+                device="cuda" if processes > 1 else device, seed=int(seed), snapshot_every=int(snap_every),
+                processes=processes, **(data or {}),
             )
         except (ValueError, TypeError, RunError) as exc:
             st.error(f"The run was not submitted: {exc}")

@@ -143,6 +143,7 @@ def test_catalog_lists_loads_and_filters_by_backbone(smoke_zoo, backbone):
     module = load_entry(e, backbone)
     assert module.name == "lora" and "zoo" in module.label
     assert [x.entry for x in first_view(backbone, "stars", root)] == ["linear", "full", "lora"]
+    assert [x.entry for x in zoo_entries(backbone, root, "glyphs")] == []
     other = tiny_fixture_backbone(seed=1)
     assert other.weights_hash != backbone.weights_hash and zoo_entries(other, root) == []
     with pytest.raises(KeyError, match="No zoo module 'stars/nope'"):
@@ -207,3 +208,20 @@ def test_task_split_carries_every_objects_mask():
     assert int(data.objects.sum()) > int(data.masks.sum())  # and there are distractors
     part = data.subset([0, 2])
     assert torch.equal(part.objects, data.objects[[0, 2]])
+
+
+def test_presets_are_picked_by_rule_and_stored(smoke_zoo, backbone):
+    from toast_core.zoo.presets import pick_presets, read_presets, write_presets
+
+    root, _ = smoke_zoo
+    from toast_core.zoo.presets import _scores
+
+    picked = pick_presets(backbone, "stars", root)
+    scores, _ = _scores(backbone, "stars", root)
+    stack = np.stack([v["focus"] for v in scores.values()])
+    spread = next(p for p in picked if p.key == "stars-spread")
+    assert spread.index == int(np.argmax(stack.max(axis=0) - stack.min(axis=0)))
+    assert all(0 <= p.index < 64 and p.note and p.criterion for p in picked)
+    write_presets(backbone, ["stars"], root)
+    assert read_presets(backbone.weights_hash, root) == picked
+    assert read_presets("another-backbone", root) == []

@@ -22,7 +22,7 @@ from __future__ import annotations
 from toast_core.backbone import BackboneError
 
 from .backbones import WEIGHT_SUFFIXES, active_runs, save_weights_upload, try_backbone
-from .benchmark import FAITH_STEPS, FOCUS_IMAGES, benchmark_rows, run_faithfulness, run_focus
+from .benchmark import FAITH_STEPS, FOCUS_IMAGES, benchmark_rows, run_faithfulness, run_focus, zoo_table
 from .datasets import dataset_summary, import_dataset_zip
 from .explorer import (
     GRADIENT_VIEWS,
@@ -42,6 +42,7 @@ from .explorer import (
     model_input,
     module_views,
     preset,
+    presets,
     scene_image,
     views_csv_bytes,
 )
@@ -64,6 +65,7 @@ from .session import (
     backbone_facts,
     backbone_title,
     base_module,
+    expected_train_s,
     finished_runs,
     is_fixture,
     load_spec,
@@ -79,6 +81,8 @@ from .session import (
     shipped_modules,
     spec_from_env,
     warm_up,
+    zoo_first_view,
+    zoo_modules,
 )
 from .tuning import (
     FieldSpec,
@@ -93,7 +97,12 @@ from .tuning import (
 )
 
 __all__ = [
+    "presets",
     "AUC_COLUMNS", "DELETION_MODES", "FAITH_STEPS", "faithfulness_table", "module_curves", "run_faithfulness",
+    "expected_train_s",
+    "zoo_table",
+    "zoo_first_view",
+    "zoo_modules",
     "BACKBONE_ENV", "BACKBONE_FILES_DIR", "BASE_KEY", "BackboneError", "BackboneSpec", "DATASETS_DIR",
     "FIXTURE", "FIXTURE_LABEL", "FOCUS_IMAGES", "FORT_BASES", "FieldSpec", "GRADIENT_VIEWS", "HEAD_VIEWS",
     "ImageChoice", "LAYERED_VIEWS", "MAX_IMAGE_MB", "MAX_WEIGHTS_MB", "MAX_ZIP_MB", "ModuleView", "PRESETS",

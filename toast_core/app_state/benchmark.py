@@ -111,3 +111,11 @@ def benchmark_rows(
             "this backbone": own,
         })
     return rows
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def zoo_table(backbone_key: tuple[str, str, str]) -> list[dict[str, Any]]:
+    """The lecture zoo's rows for this backbone, from the shipped cards (no model is run)."""
+    from toast_core.zoo.report import zoo_rows
+
+    return zoo_rows(_cached_backbone(backbone_key))

@@ -48,7 +48,7 @@ class ImageChoice(compare.ImageInput):
 def scene_image(task: str, split: str, index: int, size: int = 96) -> ImageChoice:
     """One built-in scene with its deciding-object mask (`compare.scene_image`, the training data)."""
     image = compare.scene_image(task, split, index, size)
-    return ImageChoice(image.rgb, image.name, image.mask, image.true_label)
+    return ImageChoice(image.rgb, image.name, image.mask, image.true_label, image.objects)
 
 
 def decode_upload(data: bytes, name: str = "upload") -> ImageChoice:
@@ -172,16 +172,22 @@ FOCUS_COLUMNS = {
     "focus_ratio": "focus ratio",
     "pointing_game": "peak inside",
     "entropy": "entropy",
+    "object_share": "share of object attention",
+    "object_chance": "its chance (object area share)",
 }
 
 
 def focus_table(
-    views: Sequence[ModuleView], region: np.ndarray | tuple[float, float, float, float], image_size: tuple[int, int]
+    views: Sequence[ModuleView],
+    region: np.ndarray | tuple[float, float, float, float],
+    image_size: tuple[int, int],
+    objects: np.ndarray | None = None,
 ) -> list[dict[str, object]]:
-    """Focus scores of each module's map against a mask or a box (x0, y0, x1, y1) in image pixels."""
+    """Focus scores of each module's map against a mask or a box (x0, y0, x1, y1) in image pixels;
+    with every object's mask also the deciding object's share of the attention on objects."""
     return [
-        {"module": row["module"], **{label: row[key] for key, label in FOCUS_COLUMNS.items()}}
-        for row in compare.focus_rows(views, region, image_size)
+        {"module": row["module"], **{label: row[key] for key, label in FOCUS_COLUMNS.items() if key in row}}
+        for row in compare.focus_rows(views, region, image_size, objects)
     ]
 
 
@@ -219,5 +225,19 @@ PRESETS: tuple[Preset, ...] = (
 )
 
 
-def preset(key: str) -> Preset | None:
-    return next((p for p in PRESETS if p.key == key), None)
+@st.cache_data(show_spinner=False, max_entries=4)
+def _lecture_presets(weights_hash: str) -> tuple[Preset, ...]:
+    from toast_core.zoo.presets import read_presets
+
+    return tuple(Preset(p.key, p.title, p.task, p.split, p.index, p.view, p.note) for p in read_presets(weights_hash))
+
+
+def presets(backbone: Backbone) -> tuple[Preset, ...]:
+    """The lecture presets for this backbone: chosen from the test split by the zoo's measured
+    criteria (`toast_core.zoo.presets`), or, without a zoo for it, the fixed example scenes."""
+    return _lecture_presets(backbone.weights_hash) or PRESETS
+
+
+def preset(key: str, backbone: Backbone | None = None) -> Preset | None:
+    pool = (*(presets(backbone) if backbone is not None else ()), *PRESETS)
+    return next((p for p in pool if p.key == key), None)

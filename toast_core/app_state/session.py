@@ -246,17 +246,52 @@ def _cached_shipped(key: tuple[str, str, str], stem: str) -> SteeringMethod:
     return method
 
 
+def zoo_modules(backbone: Backbone, task: str | None = None) -> dict[str, str]:
+    """The lecture zoo's shipped modules for this backbone (all tasks, or one): key -> label."""
+    from toast_core.zoo.catalog import zoo_entries
+
+    return {e.key: e.label for e in zoo_entries(backbone, task=task)}
+
+
+def expected_train_s(task: str, method: str, steps: int, batch_size: int) -> float | None:
+    """Expected training seconds of a recipe run (from the zoo build's measurement), or None."""
+    from toast_core.zoo.catalog import expected_train_s as measured
+
+    return measured(task, method, steps, batch_size)
+
+
+def zoo_first_view(backbone: Backbone, task: str) -> list[str]:
+    """Keys of the zoo modules a first view of `task` compares (>= 6 when the zoo is shipped)."""
+    from toast_core.zoo.catalog import first_view
+
+    return [e.key for e in first_view(backbone, task)]
+
+
+@st.cache_resource(show_spinner="Loading a zoo module…", max_entries=64)
+def _cached_zoo(key: tuple[str, str, str], zoo_key: str) -> SteeringMethod:
+    from toast_core.zoo.catalog import find_entry, load_entry
+
+    backbone = _cached_backbone(key)
+    return load_entry(find_entry(zoo_key, backbone), backbone)
+
+
 def module_for(key: str, backbone: Backbone) -> SteeringMethod:
-    """A module by page key: the base backbone, a shipped checkpoint, or a done run."""
+    """A module by page key: the base backbone, a shipped checkpoint, a zoo module, or a done run."""
+    from toast_core.zoo.catalog import ZOO_PREFIX
+
     if key == BASE_KEY:
         return base_module(backbone)
     if key.startswith(SHIPPED_PREFIX):
         return _cached_shipped(active_spec().key, key.removeprefix(SHIPPED_PREFIX))
+    if key.startswith(ZOO_PREFIX):
+        return _cached_zoo(active_spec().key, key)
     return run_module(key)
 
 
 def module_stamp(key: str) -> float:
     """Changes when the module behind a key changes (a re-trained run), so cached maps refresh."""
-    if key == BASE_KEY or key.startswith(SHIPPED_PREFIX):
+    from toast_core.zoo.catalog import ZOO_PREFIX
+
+    if key == BASE_KEY or key.startswith((SHIPPED_PREFIX, ZOO_PREFIX)):
         return 0.0
     return float(run_manager().status(key, history=False).ended or 0.0)

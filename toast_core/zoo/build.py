@@ -88,6 +88,7 @@ def _build_one(
 ) -> tuple[SteeringMethod, dict[str, Any]]:
     """Train one entry; returns the module (rounded to its storage dtype) and its card's zoo section."""
     info: dict[str, Any] = {}
+    cpu0 = time.process_time()
     if recipe.kind == "episode":
         tuned = train_episode_entry(backbone, recipe, splits["train"], splits["test"], seed)
         method, test = tuned.module, tuned.test
@@ -108,6 +109,9 @@ def _build_one(
             curve=[{k: h[k] for k in ("step", "loss", "train_acc") if k in h} for h in result.history[:: max(1, len(result.history) // 20)]],
         )
         test, val = splits["test"], splits["val"]
+    # CPU seconds of this process over its threads: what the run costs on an otherwise idle machine
+    # (wall time is inflated by whatever else the machine runs)
+    info["train_cpu_s"] = time.process_time() - cpu0
     info["storage_dtype"] = round_to_storage(method)
     method.eval()
     if val is not None:
@@ -156,6 +160,7 @@ def build(
             info.update(
                 recipe=_jsonable_recipe(recipe), seed=seed, data_seed=DATA_SEED, threads=threads,
                 device=str(backbone.device), wall_s=time.perf_counter() - t0, smoke=smoke,
+                idle_s_estimate=info["train_cpu_s"] / max(1, threads),
                 data={"train_per_class": TRAIN_PER_CLASS, "val_per_class": VAL_PER_CLASS,
                       "test_per_class": TEST_PER_CLASS},
             )

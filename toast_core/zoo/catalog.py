@@ -97,3 +97,19 @@ def first_view(backbone: Backbone, task: str, root: Path = ZOO_DIR) -> list[ZooE
     """The zoo modules a first view of `task` compares (task recipes, in FIRST_VIEW order)."""
     by_name = {e.entry: e for e in zoo_entries(backbone, root, task)}
     return [by_name[n] for n in FIRST_VIEW if n in by_name]
+
+
+def expected_train_s(task: str, method: str, steps: int, batch_size: int, root: Path = ZOO_DIR) -> float | None:
+    """Training time a run of `method` on built-in `task` should take on an idle 2-core machine: the
+    zoo build's CPU time for that method's recipe over its threads, scaled by images seen (steps x
+    batch); None without a card."""
+    from toast_core.recipes import default_for
+
+    r = default_for(task, method)
+    if r is None:
+        return None
+    for e in zoo_entries(None, root, task):
+        measured = e.zoo.get("idle_s_estimate", e.zoo.get("train_s"))
+        if e.entry == r.entry and isinstance(measured, int | float):
+            return float(measured) * (steps * batch_size) / max(1, r.steps * r.batch_size)
+    return None

@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
         entries = [e.strip() for e in args.entries.split(",") if e.strip()] or None
         cards = build(tasks, entries, seed=args.seed, threads=args.threads, root=args.root,
                       backbone=backbone, smoke=args.smoke, force=args.force)
+        from toast_core.zoo.presets import write_presets
+
+        presets = write_presets(backbone, tasks, args.root)
+        print(f"lecture presets: {presets}")
         print(f"RESULT built={len(cards)} root={args.root}")
         return 0
     if args.action == "verify":
@@ -54,3 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m toast_core")
     add_parser(ap.add_subparsers(dest="command", required=True))
     return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
