@@ -264,3 +264,22 @@ def test_focus_faithfulness_figure_script_smoke(tmp_path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     numbers = json.loads(out.with_suffix(".json").read_text())
     assert set(numbers) == {"linear", "lora", "vpt"} and {"cls", "relevance"} <= set(numbers["vpt"])
+
+
+def test_relevance_and_deletion_on_every_token_layout() -> None:
+    """Prompts (inserted before block 0 or 1), distillation and register tokens, no CLS, a non-square
+    grid: relevance reads the patch columns and deletion keeps every non-patch token."""
+    from test_attention import KINDS, _case, _images
+
+    for kind in KINDS:
+        method, before = _case(kind)
+        torch.nn.init.normal_(method.head.weight, std=1.0)
+        x = _images(method)
+        view = V.relevance_view(method, x)
+        assert view.map.shape == (2, *method.layout.grid) and (view.map >= 0).all() and view.map.max() > 0, kind
+        keep = torch.tensor([[0, 2]])
+        with torch.no_grad(), keep_patches(keep):
+            out = steered_forward(method.vit, x, steer=method.eval())
+        assert out.tokens.shape[1] == before + 2 and out.patch_start == before, kind
+        curves = V.deletion_curves(method, x, view.map, steps=3)
+        assert np.isfinite(curves.probs["morf"]).all(), kind
