@@ -20,13 +20,12 @@ from toast_core.bundles import (
     export_bundle,
     history_csv,
     import_bundle,
-    list_runs,
     parse_history_csv,
-    read_run,
 )
 from toast_core.checkpoints import load_module
 from toast_core.cli import backbone_from_spec
 from toast_core.runs import RunConfig, RunManager
+from toast_core.runs.registry import list_runs, read_run
 
 
 def train_tiny_run(root: Path, backbone, method: str = "lora") -> str:

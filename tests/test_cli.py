@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from toast_core import cli
-from toast_core.bundles import list_runs
+from toast_core.runs.registry import list_runs
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = ["--backbone", "fixture"]

@@ -83,11 +83,11 @@ def test_benchmark_page_measures_faithfulness_of_a_finished_run() -> None:
 
 def test_gradio_table_has_the_deletion_aucs_of_each_shown_map(tmp_path: Path) -> None:
     from toast_core import cli
-    from toast_core.bundles import list_runs
     from toast_core.cli import backbone_from_spec
     from toast_core.compare import load_module_ref, model_input
     from toast_core.data.images import load_image
     from toast_core.gradio_app import FAITH_STEPS, TABLE_HEADERS, DemoContext, run_comparison, write_examples
+    from toast_core.runs.registry import list_runs
     from toast_core.views import cls_view, deletion_curves
 
     assert cli.main(["train", "--method", "linear", "--task", "stars", "--per-class", "1", "--val-per-class", "0",

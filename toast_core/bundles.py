@@ -8,8 +8,8 @@ nothing: member names are checked for traversal and links (the same checks as da
 loaded backbone (same weights hash), and it is loaded with `checkpoints.load_module` (safetensors,
 never unpickled) before the run appears, atomically, in the registry.
 
-This module also reads a registry READ-ONLY (`list_runs`, `read_run`): opening a `RunManager` marks
-another process's active runs as interrupted, which a listing must never do.
+Run lookup (`find_run`, `read_run`) is the registry's (`runs.registry`); the comparison figures are
+rendered by `compare.comparison_figures`. This module imports both and neither imports it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import numpy as np
 
 from toast_core.backbone import Backbone
 from toast_core.checkpoints import CheckpointError, load_module, paths_for, read_card
+from toast_core.compare import comparison_figures
 from toast_core.data.zip_import import ZipImportError, _safe_parts
 from toast_core.runs import (
     CONFIG_FILE,
@@ -48,6 +49,7 @@ from toast_core.runs import (
 from toast_core.runs import FORMAT as RUN_FORMAT
 from toast_core.runs import FORMAT_VERSION as RUN_FORMAT_VERSION
 from toast_core.runs.record import _STATUS_FIELDS
+from toast_core.runs.registry import find_run, read_run
 
 BUNDLE_FORMAT = "toast-run-bundle"
 BUNDLE_VERSION = 1
@@ -67,58 +69,6 @@ _CHUNK = 1 << 20
 
 class BundleError(RuntimeError):
     """A bundle could not be written or was refused; the message says why, for the user."""
-
-
-# --- reading a registry (read-only) ---------------------------------------------------------------
-def read_run(run_dir: str | os.PathLike[str]) -> RunStatus:
-    """The record of one run folder (status.json, history.json, config.json) without touching it."""
-    folder = Path(run_dir)
-    try:
-        raw = json.loads((folder / STATUS_FILE).read_text())
-    except FileNotFoundError:
-        raise BundleError(f"'{folder}' is not a run folder (no {STATUS_FILE}).") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"The run record in '{folder}' cannot be read: {exc}") from exc
-    if not isinstance(raw, dict) or raw.get("format") != RUN_FORMAT:
-        raise BundleError(f"'{folder / STATUS_FILE}' is not a run record (format '{RUN_FORMAT}').")
-    status = RunStatus(**{k: raw[k] for k in _STATUS_FIELDS if k in raw})
-    for name, attr in ((HISTORY_FILE, "history"), (CONFIG_FILE, "config")):
-        path = folder / name
-        if path.is_file():
-            try:
-                setattr(status, attr, json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-                pass  # a damaged side file leaves the default; the record itself was readable
-    return status
-
-
-def list_runs(root: str | os.PathLike[str]) -> list[RunStatus]:
-    """Every readable run in a registry folder, oldest first (dot folders and junk are skipped)."""
-    base = Path(root)
-    if not base.is_dir():
-        return []
-    runs = []
-    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            runs.append(read_run(folder))
-        except (BundleError, TypeError):
-            continue
-    return sorted(runs, key=lambda r: (r.created, r.run_id))
-
-
-def find_run(ref: str | os.PathLike[str], roots: Sequence[str | os.PathLike[str]]) -> Path:
-    """A run folder from a path to it or a run id in one of the registry `roots` (first match)."""
-    path = Path(ref)
-    if path.is_dir() and (path / STATUS_FILE).is_file():
-        return path
-    text = str(ref)
-    if _RUN_ID.match(text):
-        for root in roots:
-            candidate = Path(root) / text
-            if (candidate / STATUS_FILE).is_file():
-                return candidate
-    where = ", ".join(str(r) for r in roots) or "no registry"
-    raise BundleError(f"No run '{text}' (looked for a run folder and in {where}).")
 
 
 # --- export ---------------------------------------------------------------------------------------
@@ -177,36 +127,6 @@ def _snapshot_figure(run_dir: Path) -> bytes | None:
     map01 = normalise_maps([grid])[0]
     scale = max(1, 192 // max(grid.shape))
     return _png(heatmap_image(map01, (grid.shape[0] * scale, grid.shape[1] * scale), smooth=False))
-
-
-def _task_for_figures(task: str) -> str | None:
-    """The built-in task whose test scenes illustrate a run (its own task, or an episode's base)."""
-    from toast_core.data.scenes import TASKS
-
-    base = task.rsplit(":", 1)[-1] if task.startswith("episode:") else task
-    return base if base in TASKS else None
-
-
-def comparison_figures(
-    module: Any, backbone: Backbone, task: str, scenes: int = 2, views: Sequence[str] = ("cls", "rollout")
-) -> dict[str, bytes]:
-    """PNG figures: base backbone vs the run's module on the first test scenes of its task, one
-    shared colour scale per figure (`compare.compare_runs`). Empty for tasks without built-in scenes."""
-    from toast_core.compare import base_module, compare_runs, comparison_image, scene_image
-
-    base_task = _task_for_figures(task)
-    if base_task is None:
-        return {}
-    size = int(backbone.layout.img_size[0])
-    modules = {"base": base_module(backbone), "run": module}
-    figures: dict[str, bytes] = {}
-    for index in range(scenes):
-        image = scene_image(base_task, "test", index, size)
-        for view in views:
-            results = compare_runs(backbone, modules, image, view=view)
-            if any(r.view is not None for r in results):
-                figures[f"{view}_{base_task}_test{index}.png"] = _png(comparison_image(image, results))
-    return figures
 
 
 def export_bundle(
@@ -500,25 +420,12 @@ def bundle_members(zip_path: str | os.PathLike[str]) -> list[str]:
         return [i.filename for i in zf.infolist()]
 
 
-def iter_registries(roots: Iterable[str | os.PathLike[str]]) -> list[tuple[Path, RunStatus]]:
-    """(root, run) for every run in several registries, roots in order, runs oldest first."""
-    out = []
-    for root in roots:
-        out += [(Path(root), r) for r in list_runs(root)]
-    return out
-
-
 __all__ = [
     "BUNDLE_FORMAT",
     "BundleError",
     "bundle_members",
-    "comparison_figures",
     "export_bundle",
-    "find_run",
     "history_csv",
     "import_bundle",
-    "iter_registries",
-    "list_runs",
     "parse_history_csv",
-    "read_run",
 ]

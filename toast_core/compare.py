@@ -305,6 +305,34 @@ def comparison_png_bytes(image: ImageInput | np.ndarray, results: Sequence[Modul
     return buf.getvalue()
 
 
+def _task_for_figures(task: str) -> str | None:
+    """The built-in task whose test scenes illustrate a run (its own task, or an episode's base)."""
+    from toast_core.data.scenes import TASKS
+
+    base = task.rsplit(":", 1)[-1] if task.startswith("episode:") else task
+    return base if base in TASKS else None
+
+
+def comparison_figures(
+    module: Any, backbone: Backbone, task: str, scenes: int = 2, views: Sequence[str] = ("cls", "rollout")
+) -> dict[str, bytes]:
+    """PNG figures (a run bundle's): base backbone vs `module` on the first test scenes of its task,
+    one shared colour scale per figure (`compare_runs`). Empty for tasks without built-in scenes."""
+    base_task = _task_for_figures(task)
+    if base_task is None:
+        return {}
+    size = int(backbone.layout.img_size[0])
+    modules = {"base": base_module(backbone), "run": module}
+    figures: dict[str, bytes] = {}
+    for index in range(scenes):
+        image = scene_image(base_task, "test", index, size)
+        for view in views:
+            results = compare_runs(backbone, modules, image, view=view)
+            if any(r.view is not None for r in results):
+                figures[f"{view}_{base_task}_test{index}.png"] = comparison_png_bytes(image, results)
+    return figures
+
+
 def prediction_row(r: ModuleView) -> dict[str, Any]:
     """Module, prediction and confidence; a base without a trained head predicts nothing."""
     if r.is_base and not r.class_names:
@@ -381,8 +409,8 @@ __all__ = [
 
 # --- finding modules -----------------------------------------------------------------------------
 def _run_module(run_dir: Path, backbone: Backbone) -> SteeringMethod:
-    from toast_core.bundles import read_run
     from toast_core.checkpoints import load_module
+    from toast_core.runs.registry import read_run
 
     status = read_run(run_dir)
     if status.state != "done" or not status.checkpoint:
@@ -397,14 +425,15 @@ def load_module_ref(ref: str, backbone: Backbone, roots: Sequence[str | Path] = 
     """A module by reference: "base" (the plain backbone), a run id in one of the registry `roots`, a
     run folder, or a module file (stem, .json card or .safetensors). Loading always goes through
     `checkpoints.load_module` (safetensors, backbone hash checked)."""
-    from toast_core.bundles import BundleError, find_run
     from toast_core.checkpoints import load_module, paths_for
+    from toast_core.runs import RunError
+    from toast_core.runs.registry import find_run
 
     if ref == BASE_KEY:
         return base_module(backbone)
     try:
         return _run_module(find_run(ref, list(roots)), backbone)
-    except BundleError:
+    except RunError:
         pass
     weights, card = paths_for(ref)
     if weights.is_file() and card.is_file():
@@ -419,8 +448,8 @@ def load_module_ref(ref: str, backbone: Backbone, roots: Sequence[str | Path] = 
 def module_choices(backbone: Backbone, roots: Sequence[str | Path] = (), module_dirs: Sequence[str | Path] = ()) -> list[tuple[str, str]]:
     """(label, reference) of every module that fits `backbone`: the base, done runs in the registries
     (first registry wins on a shared id), and loose module files (cards) in `module_dirs`."""
-    from toast_core.bundles import list_runs
     from toast_core.checkpoints import CheckpointError, read_card
+    from toast_core.runs.registry import list_runs
 
     out: list[tuple[str, str]] = [("base backbone", BASE_KEY)]
     seen: set[str] = set()

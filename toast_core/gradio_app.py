@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from toast_core.cli import (
+from toast_core.cli_common import (
     BACKBONE_HELP,
     SHIPPED_MODULES,
     SHIPPED_RUNS,
@@ -106,12 +106,13 @@ class DemoContext:
 
     def _stamp(self, ref: str) -> float:
         """Changes when the module on disk changes (a re-trained or re-imported run), so the cache reloads."""
-        from toast_core.bundles import BundleError, find_run
         from toast_core.checkpoints import paths_for
+        from toast_core.runs import RunError
+        from toast_core.runs.registry import find_run
 
         try:
             card = find_run(ref, self.roots) / "module.json"
-        except BundleError:
+        except RunError:
             card = paths_for(ref)[1]
         try:
             return card.stat().st_mtime

@@ -4,18 +4,21 @@
 pickled), reads them back, rescans the folder for runs other processes added or changed, and
 adopts runs across processes (a run whose owner died becomes `interrupted`; one whose owner lives
 is followed from disk). `read_record` is the one reader of a run folder; `list_runs` / `read_run`
-/ `find_run` are the read-only views over it for front ends that open no manager (the CLI's
-`list`, bundles, the module picker): they report a dead owner's run as interrupted, like the
-manager does, but never write.
+/ `find_run` / `iter_registries` are the read-only views over it for front ends that open no
+manager (the CLI's `list`, bundles, the module picker): they report a dead owner's run as
+interrupted, like the manager does, but never write (opening a manager would mark it on disk).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +69,22 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def read_record(folder: Path) -> _Record:
+def _side_file(path: Path, default: Any, strict: bool) -> Any:
+    try:
+        return _read_json(path)
+    except (OSError, ValueError):
+        if strict:
+            raise
+        return default
+
+
+def read_record(folder: Path, *, strict: bool = True) -> _Record:
     """A run folder as a record: status.json (checked), history, snapshot and config.
 
     Raises one of READ_ERRORS when the folder holds no readable run; a config this library cannot
     build (e.g. a method it does not know) leaves `config` None and says so in the note.
+    Not `strict` (read-only listings), missing or damaged side files (history, config) are left
+    at their defaults: the record itself was readable.
     """
     mtime = (folder / STATUS_FILE).stat().st_mtime_ns  # before reading: a later write is noticed
     raw = _read_json(folder / STATUS_FILE)
@@ -81,16 +95,17 @@ def read_record(folder: Path) -> _Record:
     fields = {k: raw[k] for k in _STATUS_FIELDS if k in raw}
     status = RunStatus(**fields)
     history_path = folder / HISTORY_FILE
-    status.history = _read_json(history_path) if history_path.is_file() else []
+    status.history = _side_file(history_path, [], strict) if history_path.is_file() else []
     snap_path = folder / SNAPSHOT_FILE
     if snap_path.is_file():
         status.snapshot = np.load(snap_path, allow_pickle=False)
-    config_raw = _read_json(folder / CONFIG_FILE)
+    config_raw = _side_file(folder / CONFIG_FILE, {}, strict)
     status.config = config_raw
+    config: RunConfig | None = None
     try:
-        config: RunConfig | None = RunConfig.from_dict(config_raw)
+        config = RunConfig.from_dict(config_raw) if strict or config_raw else None
     except (ValueError, TypeError) as exc:
-        config, status.note = None, f"config unreadable here: {exc}"
+        status.note = f"config unreadable here: {exc}"
     rec = _Record(status=status, config=config, disk_mtime=mtime)
     if config is not None:
         rec.batch_size = config.train_config.batch_size
@@ -108,6 +123,59 @@ def run_folders(root: Path) -> list[Path]:
         return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
         return []
+
+
+# --- reading without a manager (front ends: the CLI's list, bundles, the module picker) -------------
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
+
+
+def read_run(run_dir: str | os.PathLike[str]) -> RunStatus:
+    """One run folder's record as a manager would see it, without touching it: a queued / running run
+    whose owner is gone reads as interrupted (a manager opening the folder would mark it so)."""
+    folder = Path(run_dir)
+    if not (folder / STATUS_FILE).is_file():
+        raise RunError(f"'{folder}' is not a run folder (no {STATUS_FILE}).")
+    try:
+        status = read_record(folder, strict=False).status
+    except READ_ERRORS as exc:
+        raise RunError(f"The run record in '{folder}' cannot be read: {exc}") from exc
+    if status.state in ACTIVE_STATES and not running_elsewhere(status.run_id, status.owner):
+        _mark_interrupted(status, "interrupted: the process running it stopped")
+    return status
+
+
+def list_runs(root: str | os.PathLike[str]) -> list[RunStatus]:
+    """Every readable run in a registry folder, oldest first (unreadable folders are skipped)."""
+    runs = []
+    for folder in run_folders(Path(root)):
+        try:
+            runs.append(read_run(folder))
+        except RunError:
+            continue
+    return sorted(runs, key=lambda r: (r.created, r.run_id))
+
+
+def find_run(ref: str | os.PathLike[str], roots: Sequence[str | os.PathLike[str]]) -> Path:
+    """A run folder from a path to it or a run id in one of the registry `roots` (first match)."""
+    path = Path(ref)
+    if path.is_dir() and (path / STATUS_FILE).is_file():
+        return path
+    text = str(ref)
+    if _RUN_ID.match(text):
+        for root in roots:
+            candidate = Path(root) / text
+            if (candidate / STATUS_FILE).is_file():
+                return candidate
+    where = ", ".join(str(r) for r in roots) or "no registry"
+    raise RunError(f"No run '{text}' (looked for a run folder and in {where}).")
+
+
+def iter_registries(roots: Iterable[str | os.PathLike[str]]) -> list[tuple[Path, RunStatus]]:
+    """(root, run) for every run in several registries, roots in order, runs oldest first."""
+    out = []
+    for root in roots:
+        out += [(Path(root), r) for r in list_runs(root)]
+    return out
 
 
 # --- the record a manager holds ------------------------------------------------------------------
