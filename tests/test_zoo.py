@@ -225,3 +225,29 @@ def test_presets_are_picked_by_rule_and_stored(smoke_zoo, backbone):
     write_presets(backbone, ["stars"], root)
     assert read_presets(backbone.weights_hash, root) == picked
     assert read_presets("another-backbone", root) == []
+
+
+# --- task-dependent attention ----------------------------------------------------------------------
+def test_mixed_scenes_hold_a_star_and_a_digit_with_their_masks():
+    from toast_core.data.scenes import make_mixed_split
+
+    d = make_mixed_split(12, size=48)
+    assert d.images.shape == (12, 3, 48, 48) and len(d) == 12
+    assert d.star_labels.tolist() == [i % 8 for i in range(12)]
+    assert d.digit_labels.tolist() == [(i // 8) % 10 for i in range(12)]
+    assert bool((d.star_masks.flatten(1).sum(1) > 0).all()) and bool((d.digit_masks.flatten(1).sum(1) > 0).all())
+    assert not bool((d.star_masks & d.digit_masks).any())
+    assert bool((d.objects | ~(d.star_masks | d.digit_masks)).all())
+
+
+def test_task_switch_is_zero_for_the_linear_probe(tmp_path, backbone):
+    from toast_core.zoo.task_switch import task_switch
+
+    build(["stars", "glyphs"], ("linear", "lora"), root=tmp_path, backbone=backbone, smoke=True, threads=1,
+          log=lambda _: None)
+    rows = {r["entry"]: r for r in task_switch(backbone, n=8, root=tmp_path)}
+    assert set(rows) == {"lora", "linear"}
+    assert rows["linear"]["switch"] == 0.0 and rows["linear"]["switch_ci"] == 0.0  # one shared attention
+    r = rows["lora"]
+    expected = (r["star_focus_stars"] - r["star_focus_glyphs"]) + (r["digit_focus_glyphs"] - r["digit_focus_stars"])
+    assert r["switch"] == pytest.approx(expected) and r["n"] == 8

@@ -126,7 +126,7 @@ def build(
     entries: Iterable[str] | None = None,
     *,
     seed: int = 0,
-    threads: int = 2,
+    threads: int = 1,
     root: Path = ZOO_DIR,
     backbone: Backbone | None = None,
     smoke: bool = False,

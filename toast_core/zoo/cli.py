@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", action="append", help="built-in task (repeatable; default: all)")
     p.add_argument("--entries", default="", help="comma list of recipe entries (default: the shipped set)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the shipped zoo was built so)")
     p.add_argument("--root", type=Path, default=ZOO_DIR, help="zoo folder (default: checkpoints/zoo)")
     p.add_argument("--force", action="store_true", help="retrain entries whose card is current")
     p.add_argument("--smoke", action="store_true", help="fixture backbone, random data (needs --root)")
