@@ -43,13 +43,14 @@ LABEL_HEIGHT = 30  # two lines of the default font: module, then prediction
 
 @dataclass
 class ImageInput:
-    """The image being explained: RGB (H, W, 3) uint8 at its original size, and the deciding
-    object's mask (H, W) bool when it is a built-in scene."""
+    """The image being explained: RGB (H, W, 3) uint8 at its original size, and, when it is a built-in
+    scene, the deciding object's mask and every object's mask (H, W) bool."""
 
     rgb: np.ndarray
     name: str
     mask: np.ndarray | None = None
     true_label: str | None = None
+    objects: np.ndarray | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -103,7 +104,9 @@ def scene_image(task: str, split: str, index: int, size: int = 96, seed: int = 0
     spec = TASKS[task]
     label = index % len(spec.classes)
     scene = task_scene(task, seed, split, index, label, size)
-    return ImageInput(scene.image, f"{task}/{split}/{index}", scene.index_map == 1, spec.classes[label])
+    return ImageInput(
+        scene.image, f"{task}/{split}/{index}", scene.index_map == 1, spec.classes[label], scene.index_map > 0
+    )
 
 
 def parse_scene_ref(ref: str) -> tuple[str, str, int]:
@@ -341,24 +344,33 @@ def prediction_row(r: ModuleView) -> dict[str, Any]:
 
 
 def focus_rows(
-    results: Sequence[ModuleView], region: Any, image_size: tuple[int, int]
+    results: Sequence[ModuleView], region: Any, image_size: tuple[int, int], objects: np.ndarray | None = None
 ) -> list[dict[str, Any]]:
     """Focus scores of each map against a mask (H, W) or a box (x0, y0, x1, y1) in image pixels:
-    focus share (mass inside), area share (chance level), focus ratio, pointing game, entropy."""
+    focus share (mass inside), area share (chance level), focus ratio, pointing game, entropy; with
+    every object's mask (and a mask region) also the region's share of the attention on objects
+    and its chance level (its share of the objects' area)."""
+    from toast_core.views.objects import object_masses
+
     rows = []
     for r in results:
         if r.view is None:
             continue
         m = focus_metrics(r.view, region, image_size)
         first = {k: (v[0] if np.ndim(v) else v) for k, v in m.items()}
-        rows.append({
+        row = {
             **prediction_row(r),
             "focus_share": float(first["focus_share"]),
             "area_share": float(first["area_share"]),
             "focus_ratio": float(first["focus_ratio"]),
             "pointing_game": bool(first["pointing_game"]),
             "entropy": float(first["entropy"]),
-        })
+        }
+        if objects is not None and not isinstance(region, tuple | list):
+            mass = {k: float(v[0]) for k, v in object_masses(r.view.map[:1], region[None], objects[None]).items()}
+            row["object_share"] = mass["on_target"] / mass["on_objects"] if mass["on_objects"] > 0 else float("nan")
+            row["object_chance"] = mass["area_target"] / mass["area_objects"] if mass["area_objects"] > 0 else float("nan")
+        rows.append(row)
     return rows
 
 
@@ -422,8 +434,8 @@ def _run_module(run_dir: Path, backbone: Backbone) -> SteeringMethod:
 
 
 def load_module_ref(ref: str, backbone: Backbone, roots: Sequence[str | Path] = ()) -> SteeringMethod:
-    """A module by reference: "base" (the plain backbone), a run id in one of the registry `roots`, a
-    run folder, or a module file (stem, .json card or .safetensors). Loading always goes through
+    """A module by reference: "base" (the plain backbone), "zoo:<task>/<entry>" (a shipped zoo module),
+    a run id in one of the registry `roots`, a run folder, or a module file (stem, .json card or .safetensors). Loading always goes through
     `checkpoints.load_module` (safetensors, backbone hash checked)."""
     from toast_core.checkpoints import load_module, paths_for
     from toast_core.runs import RunError
@@ -431,6 +443,10 @@ def load_module_ref(ref: str, backbone: Backbone, roots: Sequence[str | Path] = 
 
     if ref == BASE_KEY:
         return base_module(backbone)
+    from toast_core.zoo.catalog import ZOO_PREFIX, find_entry, load_entry
+
+    if ref.startswith(ZOO_PREFIX):
+        return load_entry(find_entry(ref, backbone), backbone)
     try:
         return _run_module(find_run(ref, list(roots)), backbone)
     except RunError:
@@ -442,16 +458,20 @@ def load_module_ref(ref: str, backbone: Backbone, roots: Sequence[str | Path] = 
         method.label = str(extra.get("run_name") or card.stem)  # type: ignore[attr-defined]
         return method
     where = ", ".join(str(r) for r in roots) or "no registry"
-    raise ValueError(f"No run or module '{ref}': not 'base', not a run id in {where}, not a run folder or module file.")
+    raise ValueError(f"No run or module '{ref}': not 'base', not 'zoo:<task>/<entry>', not a run id in {where}, "
+                     "not a run folder or module file.")
 
 
 def module_choices(backbone: Backbone, roots: Sequence[str | Path] = (), module_dirs: Sequence[str | Path] = ()) -> list[tuple[str, str]]:
-    """(label, reference) of every module that fits `backbone`: the base, done runs in the registries
-    (first registry wins on a shared id), and loose module files (cards) in `module_dirs`."""
+    """(label, reference) of every module that fits `backbone`: the base, the shipped lecture zoo,
+    done runs in the registries (first registry wins on a shared id), and loose module files (cards)
+    in `module_dirs`."""
     from toast_core.checkpoints import CheckpointError, read_card
     from toast_core.runs.registry import list_runs
+    from toast_core.zoo.catalog import zoo_entries
 
     out: list[tuple[str, str]] = [("base backbone", BASE_KEY)]
+    out += [(f"{e.label} [{e.method}, shipped]", e.key) for e in zoo_entries(backbone)]
     seen: set[str] = set()
     for root in roots:
         for r in reversed(list_runs(root)):

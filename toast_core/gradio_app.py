@@ -357,6 +357,15 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     return (ValueError, KeyError, CheckpointError, ImageInputError, RunError, ViewUnavailable)
 
 
+def first_view_refs(backbone: Any, task: str = "stars") -> list[str]:
+    """What the demo compares on first open: the base backbone and six zoo modules of `task` (the
+    built-in example scenes are of that task), or the base alone where no zoo fits the backbone."""
+    from toast_core.compare import BASE_KEY
+    from toast_core.zoo.catalog import first_view
+
+    return [BASE_KEY, *(e.key for e in first_view(backbone, task)[:6])]
+
+
 def build_demo(ctx: DemoContext, examples: Sequence[str] | None = None) -> gr.Blocks:
     """The Blocks app for one context (one backbone and registry)."""
     import gradio as gr
@@ -422,7 +431,7 @@ def build_demo(ctx: DemoContext, examples: Sequence[str] | None = None) -> gr.Bl
                     image = gr.File(type="filepath", file_count="single", label=f"Image (PNG, JPEG, …; up to {MAX_IMAGE_MB} MB)")
                     if examples:
                         gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Built-in scenes")
-                    modules = gr.Dropdown(choices=ctx.choices(), value=[BASE_KEY], multiselect=True,
+                    modules = gr.Dropdown(choices=ctx.choices(), value=first_view_refs(ctx.backbone), multiselect=True,
                                           allow_custom_value=True, label="Modules (base = frozen backbone)")
                     refresh = gr.Button("Refresh module list", size="sm")
                     with gr.Row():
