@@ -45,7 +45,9 @@ def evaluate_module(
     faithfulness_steps: int = 0, deletion: str = "tokens",
 ) -> dict[str, Any]:  # fmt: skip
     """Accuracy (train.evaluate) and, when the data has masks, focus of `view` on the deciding object:
-    mean focus share, mean area share (chance), focus ratio = their quotient, pointing-game rate.
+    mean focus share, mean area share (chance), focus ratio = their quotient, pointing-game rate, and
+    on built-in scenes the deciding object's share of the attention on objects (95% bootstrap
+    interval) beside its chance level.
     With `faithfulness_steps`, also the view's MoRF / LeRF / random deletion AUCs and their gap with
     bootstrap 95% intervals (`views.faithfulness_summary`)."""
 
@@ -66,6 +68,11 @@ def evaluate_module(
         return metrics
     maps = view_over(method, data.images, view, batch_size, **kwargs).map
     metrics.update(view=view, **focus_summary(maps, data.masks.cpu().numpy()))
+    if data.objects is not None:  # built-in scenes: "the right object" beside "any object"
+        from toast_core.views.objects import focus_report
+
+        report = focus_report(maps, data.masks.cpu().numpy(), data.objects.cpu().numpy())
+        metrics.update({k: report[k] for k in ("object_share", "object_share_lo", "object_share_hi", "object_chance")})
     return metrics
 
 
