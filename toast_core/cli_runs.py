@@ -139,13 +139,28 @@ def cmd_list(args: argparse.Namespace) -> int:
             rows.append({"id": r.run_id, "method": r.method, "task": r.task, "state": r.state,
                          "steps": r.step, "val_acc": final.get("val_acc"), "train_acc": final.get("train_acc"),
                          "name": r.name, "registry": str(root), "shipped": i > 0})
+    zoo = [] if args.no_zoo else _zoo_rows()
     if args.json:
-        print(json.dumps(rows, indent=1))
-    elif not rows:
+        print(json.dumps(rows + (zoo if args.with_zoo else []), indent=1))
+        return EXIT_OK
+    if not rows:
         print(f"no runs in {', '.join(str(r) for r in roots)}")
     else:
         print(_table(rows, ["id", "method", "task", "state", "steps", "val_acc", "train_acc"]))
+    if zoo:
+        print(f"\nshipped lecture zoo (read-only, {len(zoo)} modules; compare with their ids):")
+        print(_table(zoo, ["id", "method", "task", "state", "steps", "val_acc", "test_acc"]))
     return EXIT_OK
+
+
+def _zoo_rows() -> list[dict[str, Any]]:
+    """The shipped lecture zoo as list rows (state "shipped"; the zoo is never written to)."""
+    from toast_core.zoo.catalog import zoo_entries
+
+    return [{"id": e.key, "method": e.method, "task": e.task, "state": "shipped",
+             "steps": (e.zoo.get("recipe") or {}).get("steps"), "val_acc": (e.zoo.get("val") or {}).get("acc"),
+             "test_acc": e.test.get("acc"), "name": e.entry, "registry": str(e.card_path.parent), "shipped": True}
+            for e in zoo_entries()]
 
 
 def add_parsers(sub: Any) -> None:
@@ -171,6 +186,8 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("list", help="list runs: id, method, task, state, accuracy",
                        description="List the runs of the registry (read-only; never changes a run).")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-zoo", action="store_true", help="leave out the shipped lecture zoo")
+    p.add_argument("--with-zoo", action="store_true", help="with --json: also the zoo's modules (state 'shipped')")
     _add_runs_dir(p)
     p.set_defaults(func=cmd_list)
 
