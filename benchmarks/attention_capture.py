@@ -24,19 +24,15 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from toast_core.backbone import freeze, tiny_fixture_backbone  # noqa: E402
-from toast_core.forward import Capture, steered_forward  # noqa: E402
+from toast_core.backbone import freeze, tiny_fixture_backbone
+from toast_core.forward import Capture, steered_forward
 
 TARGETS = {"cls_rows": 1.10, "full_maps": 1.30}
 VARIANTS = ("fused", "steered", "cls_rows", "full_maps", "hooks")

@@ -22,24 +22,19 @@ Last line: RESULT minutes=… scratch_acc=… copy_acc=… distill_acc=… finet
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from fewshot import RESULTS_FILE, smoke_task, write_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fewshot import RESULTS_FILE, smoke_task, write_section  # noqa: E402
-
-from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone  # noqa: E402
-from toast_core.data.base import LabeledImages  # noqa: E402
-from toast_core.fewshot import score_queries  # noqa: E402
-from toast_core.methods import build_method  # noqa: E402
-from toast_core.train import TrainConfig, train  # noqa: E402
+from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone
+from toast_core.data.base import LabeledImages
+from toast_core.fewshot import score_queries
+from toast_core.methods import build_method
+from toast_core.train import TrainConfig, train
 
 RUNS = (  # (label, registry name, lr, weight decay)
     ("scratch", "scratch", 1e-3, 0.05),

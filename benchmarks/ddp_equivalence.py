@@ -29,18 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
+from toast_core import distributed
+from toast_core.backbone import tiny_fixture_backbone
+from toast_core.data.base import LabeledImages
+from toast_core.methods import build_method
+from toast_core.train import TrainConfig, train
+
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from toast_core import distributed  # noqa: E402
-from toast_core.backbone import tiny_fixture_backbone  # noqa: E402
-from toast_core.data.base import LabeledImages  # noqa: E402
-from toast_core.methods import build_method  # noqa: E402
-from toast_core.train import TrainConfig, train  # noqa: E402
 
 METHODS = ("full", "lora", "toast")
 

@@ -57,7 +57,6 @@ import argparse
 import math
 import multiprocessing as mp
 import re
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,11 +66,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone  # noqa: E402
-from toast_core.data.base import LabeledImages  # noqa: E402
-from toast_core.fewshot import (  # noqa: E402
+from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone
+from toast_core.data.base import LabeledImages
+from toast_core.fewshot import (
     EpisodeResult,
     FewShotConfig,
     FewShotSummary,

@@ -29,15 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from toast_core.backbone import load_backbone, tiny_fixture_backbone
+from toast_core.data.scenes import make_task_split
+from toast_core.methods import build_method
+from toast_core.train import view_over
+from toast_core.views import faithfulness_summary
+from toast_core.views.objects import focus_report
 
-from toast_core.backbone import load_backbone, tiny_fixture_backbone  # noqa: E402
-from toast_core.data.scenes import make_task_split  # noqa: E402
-from toast_core.methods import build_method  # noqa: E402
-from toast_core.train import view_over  # noqa: E402
-from toast_core.views import faithfulness_summary  # noqa: E402
-from toast_core.views.objects import focus_report  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 VIEWS = (("cls", "last-layer CLS attention", {"layer": -1, "head": "mean"}), ("relevance", "class relevance", {}))
 SMOKE_METHODS = ("linear", "lora", "vpt")

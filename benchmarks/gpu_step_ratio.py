@@ -15,16 +15,12 @@ random fixture backbone at 32 px so the script runs in seconds anywhere.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone  # noqa: E402
-from toast_core.runs import RunConfig, RunManager, RunStatus  # noqa: E402
+from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone
+from toast_core.runs import RunConfig, RunManager, RunStatus
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -35,8 +35,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone  # noqa: E402
 from toast_core.data.base import LabeledImages  # noqa: E402
@@ -255,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         f"peak MB = {memory_kind} during training; focus = share of last-layer CLS attention (head mean, "
         "patches only) on the deciding-object mask; ratio = focus / mask area share (1 = chance)",
         f"total {minutes:.1f} min; hyper-parameters: HPARAMS in benchmarks/methods_small.py",
-        f"command: `PYTHONPATH=. python benchmarks/methods_small.py "
+        f"command: `python benchmarks/methods_small.py "
         f"{' '.join(sys.argv[1:] if argv is None else argv)}` ({time.strftime('%Y-%m-%d')})",
     ]
     print("\n".join(f"- {n}" for n in notes))

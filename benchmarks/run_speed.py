@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from toast_core.backbone import Backbone, load_embedded, tiny_fixture_backbone  # noqa: E402
-from toast_core.data.base import LabeledImages  # noqa: E402
-from toast_core.methods import build_method  # noqa: E402
-from toast_core.recipes import Recipe, recipe  # noqa: E402
-from toast_core.train import TrainResult, train  # noqa: E402
+from toast_core.backbone import Backbone, load_embedded, tiny_fixture_backbone
+from toast_core.data.base import LabeledImages
+from toast_core.methods import build_method
+from toast_core.recipes import Recipe, recipe
+from toast_core.train import TrainResult, train
 
 
 def load(args: argparse.Namespace) -> tuple[Backbone, LabeledImages, LabeledImages, str]:

@@ -7,7 +7,7 @@ Even CPU time moves by 20% between runs on this VM, so each generator is timed i
 (interleaved, so a slow spell hits all of them) and the median round is the headline; the best
 round is printed beside it.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/scenes_speed.py [--images 256] [--rounds 5] [--smoke]
+    OMP_NUM_THREADS=1 python benchmarks/scenes_speed.py [--images 256] [--rounds 5] [--smoke]
 """
 
 from __future__ import annotations

@@ -41,19 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from toast_core import distributed
+from toast_core.backbone import Backbone
+from toast_core.data.files import FileSet
+from toast_core.methods import build_method
+from toast_core.methods.base import SteeringMethod
+from toast_core.stats import wilson_interval
+from toast_core.train import TrainConfig, train
+
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from toast_core import distributed  # noqa: E402
-from toast_core.backbone import Backbone  # noqa: E402
-from toast_core.data.files import FileSet  # noqa: E402
-from toast_core.methods import build_method  # noqa: E402
-from toast_core.methods.base import SteeringMethod  # noqa: E402
-from toast_core.stats import wilson_interval  # noqa: E402
-from toast_core.train import TrainConfig, train  # noqa: E402
 
 COLUMNS = ("CUB", "NABirds", "OxfordFlower", "Stanford-dogs", "Stanford-cars")
 FOLDER_COLUMN = {"cub_200_2011": "CUB", "cub": "CUB", "nabirds": "NABirds", "oxfordflower": "OxfordFlower",
@@ -333,7 +331,11 @@ def main() -> int:
             args.toast_pretuned = smoke_pretuned(backbone, Path(tmp.name) / "topdown.safetensors")
         pretuned = None
         if args.toast_pretuned is not None:
-            from toast_core.methods.toast_import import check_backbone_matches, convert_official, read_official
+            from toast_core.methods.toast_import import (
+                check_backbone_matches,
+                convert_official,
+                read_official,
+            )
 
             pretuned = read_official(args.toast_pretuned)
             check_backbone_matches(backbone, convert_official(pretuned).backbone_state)  # same ViT or refuse

@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from toast_core import views as A  # noqa: E402
-from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone  # noqa: E402
-from toast_core.methods.base import MethodConfig, SteeringMethod  # noqa: E402
+from toast_core import views as A
+from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone
+from toast_core.methods.base import MethodConfig, SteeringMethod
 
 PREFERRED = ("linear", "lora", "vpt", "toast", "bitfit", "visual_prompt", "full")
 TARGET_S = 1.0
