@@ -68,6 +68,7 @@ import torch
 
 from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
+from toast_core.data.squares import coloured_squares
 from toast_core.fewshot import (
     EpisodeResult,
     FewShotConfig,
@@ -98,19 +99,10 @@ def write_section(path: Path, key: str, body: str) -> None:
 
 # --- data -------------------------------------------------------------------------------------------
 def smoke_task(seed: int, n_classes: int = 6, per_class: int = 8, size: int = 32) -> LabeledImages:
-    """Random noise with one coloured square (the label) at a random place; masks = the square."""
-    g = torch.Generator().manual_seed(seed)
-    colours = torch.randint(0, 256, (n_classes, 3), generator=g, dtype=torch.uint8)
-    n = n_classes * per_class
-    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
-    labels = torch.arange(n) % n_classes
-    masks = torch.zeros(n, size, size, dtype=torch.bool)
-    side = size // 3
-    for i in range(n):
-        top, left = torch.randint(0, size - side + 1, (2,), generator=g).tolist()
-        images[i, :, top : top + side, left : left + side] = colours[labels[i]].view(3, 1, 1)
-        masks[i, top : top + side, left : left + side] = True
-    return LabeledImages(images, labels, [f"c{i}" for i in range(n_classes)], masks, {"task": f"smoke{seed}"})
+    """Random noise with one square of a colour drawn from the seed (the label); masks = the square."""
+    return coloured_squares(
+        n_classes, per_class, size, seed, random_colours=True, noise=(0, 256), meta={"task": f"smoke{seed}"}
+    )
 
 
 def task_names(smoke: bool) -> tuple[str, ...]:

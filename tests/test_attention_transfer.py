@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from data_factory import rgb_squares
 
 from toast_core.backbone import Backbone, tiny_fixture_backbone, weights_hash
-from toast_core.data.base import LabeledImages
 from toast_core.forward import Capture, steered_forward
 from toast_core.methods import build_method
 from toast_core.methods.attention_transfer import (
@@ -38,18 +38,6 @@ def sharp() -> Backbone:
         for blk in bk.model.blocks:
             blk.attn.qkv.weight[: 2 * blk.attn.qkv.in_features] *= 8.0
     return bk
-
-
-def squares(per_class: int = 4, size: int = 32) -> LabeledImages:
-    g = torch.Generator().manual_seed(0)
-    colours = torch.tensor([[230, 40, 40], [40, 200, 60], [50, 80, 230]], dtype=torch.uint8)
-    n = per_class * 3
-    images = torch.randint(90, 140, (n, 3, size, size), generator=g, dtype=torch.uint8)
-    labels = torch.arange(n) % 3
-    for i in range(n):
-        top, left = torch.randint(0, size - 10, (2,), generator=g).tolist()
-        images[i, :, top : top + 10, left : left + 10] = colours[labels[i]].view(3, 1, 1)
-    return LabeledImages(images, labels, ["r", "g", "b"])
 
 
 @pytest.mark.parametrize(
@@ -141,7 +129,7 @@ def test_distill_layers_and_inference_without_teacher(x: torch.Tensor) -> None:
 
 
 def test_training_teaches_students_and_never_touches_the_teacher(sharp: Backbone) -> None:
-    data = squares()
+    data = rgb_squares(4, masks=False)
     h0 = weights_hash(sharp.model)
     cfg = TrainConfig(steps=6, batch_size=6, lr=3e-3, seed=0)
     results = {}

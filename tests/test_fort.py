@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from data_factory import squares, support_set
 
 from toast_core.backbone import Backbone, tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
@@ -35,22 +36,6 @@ from toast_core.methods.fort import (
 )
 from toast_core.train import TrainConfig, prepare_batch, train
 from toast_core.views import focus_share
-
-
-def squares(n_classes: int = 3, per_class: int = 4, size: int = 32, seed: int = 0) -> LabeledImages:
-    """Grey noise with one coloured square (the label) at a random place; masks = the square."""
-    g = torch.Generator().manual_seed(seed)
-    colours = torch.tensor([[230, 40, 40], [40, 200, 60], [50, 80, 230], [230, 230, 40], [200, 40, 220]], dtype=torch.uint8)
-    n = per_class * n_classes
-    images = torch.randint(90, 140, (n, 3, size, size), generator=g, dtype=torch.uint8)
-    labels = torch.arange(n) % n_classes
-    masks = torch.zeros(n, size, size, dtype=torch.bool)
-    side = size // 3
-    for i in range(n):
-        top, left = torch.randint(0, size - side + 1, (2,), generator=g).tolist()
-        images[i, :, top : top + side, left : left + side] = colours[labels[i]].view(3, 1, 1)
-        masks[i, top : top + side, left : left + side] = True
-    return LabeledImages(images, labels, [f"c{i}" for i in range(n_classes)], masks)
 
 
 # --- pure pieces ------------------------------------------------------------------------------------
@@ -183,12 +168,8 @@ def test_prompts_on_single_object_scenes_with_the_embedded_backbone() -> None:
 
 
 # --- the loss and the composition ----------------------------------------------------------------
-def _support(bk: Backbone, n_classes: int = 3) -> LabeledImages:
-    return squares(n_classes=n_classes, per_class=2, size=bk.layout.img_size[0])
-
-
 def test_rows_are_matched_to_their_prompts_by_content(fixture_backbone: Backbone) -> None:
-    data = _support(fixture_backbone)
+    data = support_set(fixture_backbone)
     method = build_method("fort_lora", fixture_backbone, 3)
     with pytest.raises(RuntimeError, match="prepare_prompts"):
         method.targets_for(prepare_batch(method, data.images))
@@ -206,7 +187,7 @@ def test_rows_are_matched_to_their_prompts_by_content(fixture_backbone: Backbone
     [("full", "fort_full", {}), ("lora", "fort_lora", {"targets": ("qkv", "proj")}), ("bitfit", "fort_bitfit", {})],
 )
 def test_alpha_zero_is_the_base_method_step_for_step(fixture_backbone: Backbone, base: str, fort: str, settings: dict) -> None:
-    data = _support(fixture_backbone)
+    data = support_set(fixture_backbone)
     cfg = TrainConfig(steps=4, batch_size=3, lr=1e-2, seed=3)
     plain = build_method(base, fixture_backbone, 3, dict(settings))
     zero = build_method(fort, fixture_backbone, 3, {**settings, "fort_alpha": 0.0})
@@ -227,7 +208,7 @@ def test_alpha_zero_is_the_base_method_step_for_step(fixture_backbone: Backbone,
 
 
 def test_minimising_r_moves_last_block_attention_to_the_prompts(fixture_backbone: Backbone) -> None:
-    data = _support(fixture_backbone)
+    data = support_set(fixture_backbone)
     method = build_method("fort_full", fixture_backbone, 3, {"fort_alpha": 1.0})
     method.prepare_prompts(data)
     x = prepare_batch(method, data.images)

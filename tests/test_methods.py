@@ -10,10 +10,10 @@ import copy
 
 import pytest
 import torch
+from data_factory import rgb_squares
 
 from toast_core.backbone import tiny_fixture_backbone
 from toast_core.checkpoints import load_module, save_module
-from toast_core.data.base import LabeledImages
 from toast_core.forward import Capture
 from toast_core.methods import (
     REGISTRY,
@@ -42,22 +42,6 @@ OWN_PREFIXES = {
 LR = {"linear": 3e-2, "full": 3e-3, "bitfit": 3e-2, "lora": 3e-2, "vpt": 3e-2, "visual_prompt": 3e-2}
 
 
-def squares(per_class: int = 12, size: int = 32, seed: int = 0) -> LabeledImages:
-    """Grey noise with one red / green / blue square at a random place; the colour is the label."""
-    g = torch.Generator().manual_seed(seed)
-    colours = torch.tensor([[230, 40, 40], [40, 200, 60], [50, 80, 230]], dtype=torch.uint8)
-    n = per_class * len(colours)
-    images = torch.randint(90, 140, (n, 3, size, size), generator=g, dtype=torch.uint8)
-    labels = torch.arange(n) % len(colours)
-    masks = torch.zeros(n, size, size, dtype=torch.bool)
-    side = size // 3
-    for i in range(n):
-        top, left = torch.randint(0, size - side + 1, (2,), generator=g).tolist()
-        images[i, :, top : top + side, left : left + side] = colours[labels[i]].view(3, 1, 1)
-        masks[i, top : top + side, left : left + side] = True
-    return LabeledImages(images, labels, ["red", "green", "blue"], masks)
-
-
 @pytest.fixture(scope="module")
 def backbone(fixture_backbone):
     """The shared tiny random-init ViT from conftest (d=32, depth 2, 2 heads, 32 px, patch 8)."""
@@ -66,7 +50,7 @@ def backbone(fixture_backbone):
 
 @pytest.fixture(scope="module")
 def data():
-    return squares()
+    return rgb_squares(12)
 
 
 def _clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -123,7 +107,7 @@ def test_reload_gives_identical_logits(trained, backbone, data, tmp_path):
 def test_full_finetune_changes_its_copy_only(backbone):
     method = build_method("full", backbone, CLASSES)
     assert method.vit is method.model and method.vit is not backbone.model
-    train(method, squares(per_class=4), None, TrainConfig(steps=3, batch_size=8, lr=1e-2))
+    train(method, rgb_squares(4), None, TrainConfig(steps=3, batch_size=8, lr=1e-2))
     copy_state, shared = method.model.state_dict(), backbone.model.state_dict()
     assert not torch.equal(copy_state["blocks.0.attn.qkv.weight"], shared["blocks.0.attn.qkv.weight"])
 

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from data_factory import rgb_squares
 
 from toast_core.data.base import LabeledImages
 from toast_core.forward import Capture
@@ -28,23 +29,9 @@ from toast_core.train import (
 CLASSES = 3
 
 
-def squares(per_class: int = 8, size: int = 32, seed: int = 0) -> LabeledImages:
-    """Grey noise with one red / green / blue square at a random place; the colour is the label."""
-    g = torch.Generator().manual_seed(seed)
-    colours = torch.tensor([[230, 40, 40], [40, 200, 60], [50, 80, 230]], dtype=torch.uint8)
-    n = per_class * len(colours)
-    images = torch.randint(90, 140, (n, 3, size, size), generator=g, dtype=torch.uint8)
-    labels = torch.arange(n) % len(colours)
-    side = size // 3
-    for i in range(n):
-        top, left = torch.randint(0, size - side + 1, (2,), generator=g).tolist()
-        images[i, :, top : top + side, left : left + side] = colours[labels[i]].view(3, 1, 1)
-    return LabeledImages(images, labels, ["red", "green", "blue"])
-
-
 @pytest.fixture(scope="module")
 def data() -> LabeledImages:
-    return squares()
+    return rgb_squares(masks=False)
 
 
 def _losses(result) -> list[float]:
