@@ -14,7 +14,7 @@ al. 2021). The last line gives Spearman's ρ between focus and gap across module
 (numbers meaningless) and writes to a temporary folder unless --out is given.
 
     python benchmarks/focus_faithfulness.py [--task stars] [--per-class 4] [--steps 20] [--seed 0]
-        [--out assets/focus_vs_faithfulness.png] [--threads N] [--smoke]
+        [--out assets/focus_vs_faithfulness.png] [--threads N] [--smoke] [--zoo-root DIR --backbone fixture]
 """
 
 from __future__ import annotations
@@ -42,17 +42,29 @@ VIEWS = (("cls", "last-layer CLS attention", {"layer": -1, "head": "mean"}), ("r
 SMOKE_METHODS = ("linear", "lora", "vpt")
 
 
-def modules_for(task: str, smoke: bool, num_classes: int):
-    """(backbone, [(label, module)]): the zoo's modules of `task`, or fresh methods on the fixture."""
-    if smoke:
+def modules_and_data(args: argparse.Namespace):
+    """(backbone, [(label, module)], test data): the zoo's modules of the task on the first
+    `per_class` images per class of the zoo cards' test split (seed 0 = the cards' data seed); a
+    smoke zoo (--backbone fixture) on its own smoke test split; or, with --smoke, fresh methods."""
+    from toast_core.data.scenes import TASKS
+
+    if args.smoke:
         backbone = tiny_fixture_backbone(img_size=96, patch_size=16)
-        return backbone, [(n, build_method(n, backbone, num_classes)) for n in SMOKE_METHODS]
+        data = make_task_split(args.task, "test", per_class=1, seed=args.seed, size=96)
+        return backbone, [(n, build_method(n, backbone, len(TASKS[args.task].classes))) for n in SMOKE_METHODS], data
+    from toast_core.zoo.build import ZOO_DIR
     from toast_core.zoo.catalog import load_entry, zoo_entries
 
-    backbone = load_backbone("embedded", device="cpu")
-    entries = [e for e in zoo_entries(backbone, task=task)]
+    if args.backbone == "fixture":
+        from toast_core.zoo.train_entry import task_splits
+
+        backbone, data = tiny_fixture_backbone(), task_splits(args.task, smoke=True)["test"]
+    else:
+        backbone = load_backbone("embedded", device="cpu")
+        data = make_task_split(args.task, "test", per_class=args.per_class, seed=args.seed, size=int(backbone.layout.img_size[0]))
+    entries = zoo_entries(backbone, root=args.zoo_root or ZOO_DIR, task=args.task)
     modules = [(e.entry, load_entry(e, backbone)) for e in entries]
-    return backbone, [(label, m) for label, m in modules if m.num_classes == num_classes]
+    return backbone, [(label, m) for label, m in modules if m.num_classes == data.num_classes], data
 
 
 def measure(method, data, steps: int, seed: int, batch_size: int) -> dict[str, dict[str, float]]:
@@ -85,7 +97,7 @@ def draw(rows: list[tuple[str, dict]], task: str, n: int, steps: int, out: Path,
             x, y = r["focus_ratio"], r["gap"]
             ax.errorbar(
                 x, y, xerr=[[x - r["focus_ratio_lo"]], [r["focus_ratio_hi"] - x]],
-                yerr=[[y - r["gap_lo"]], [r["gap_hi"] - y]], fmt="o", color=f"C{i % 10}", capsize=3, ms=6,
+                yerr=[[y - r["gap_lo"]], [r["gap_hi"] - y]], fmt="o", color=plt.cm.tab20(i % 20), capsize=3, ms=6,
             )  # fmt: skip
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
         ax.axvline(1.0, color="grey", ls=":", lw=1)
@@ -113,24 +125,23 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--out", default=None, help="PNG (default assets/focus_vs_faithfulness.png)")
     parser.add_argument("--smoke", action="store_true", help="tiny fixture backbone, untrained methods")
+    parser.add_argument("--zoo-root", type=Path, default=None, help="zoo folder (default checkpoints/zoo)")
+    parser.add_argument("--backbone", default="embedded", choices=("embedded", "fixture"),
+                        help="the backbone the zoo was built on (fixture: a smoke zoo)")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    from toast_core.data.scenes import TASKS
-
-    backbone, modules = modules_for(args.task, args.smoke, len(TASKS[args.task].classes))
+    backbone, modules, data = modules_and_data(args)
     if not modules:
         print(f"No zoo module for task '{args.task}' on this backbone (build the zoo: python -m toast_core zoo build).")
         return 2
-    size = int(backbone.layout.img_size[0])
-    per_class = 1 if args.smoke and args.per_class == 4 else args.per_class
-    data = make_task_split(args.task, "test", per_class=per_class, seed=args.seed, size=size)
     rows = [(label, measure(m, data, args.steps, args.seed, args.batch_size)) for label, m in modules]
     default_out = Path(tempfile.mkdtemp()) if args.smoke else ROOT / "assets"
     out = Path(args.out) if args.out else default_out / "focus_vs_faithfulness.png"
-    draw(rows, args.task, len(data), args.steps, out, args.smoke)
+    smoke = args.smoke or args.backbone == "fixture"  # a smoke zoo learnt nothing either
+    draw(rows, args.task, len(data), args.steps, out, smoke)
     out.with_suffix(".json").write_text(json.dumps({label: res for label, res in rows}, indent=1))
 
     print(f"backbone {backbone.name}; task {args.task} test, n={len(data)}; {args.steps} steps; threads "
@@ -147,7 +158,7 @@ def main() -> int:
     print(
         f"RESULT task={args.task} n={len(data)} modules={len(rows)} steps={args.steps} "
         f"spearman_cls={rho['cls']:.3f} spearman_relevance={rho['relevance']:.3f} "
-        f"minutes={(time.perf_counter() - t0) / 60:.2f} smoke={int(args.smoke)}"
+        f"minutes={(time.perf_counter() - t0) / 60:.2f} smoke={int(smoke)}"
     )
     return 0
 
