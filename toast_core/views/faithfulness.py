@@ -109,7 +109,8 @@ def deletion_curves(
     view: str = "",
 ) -> DeletionCurves:
     """MoRF / LeRF / random deletion curves of prepared images `x` (B, 3, H, W) ranked by `maps`
-    (B, gh, gw). One forward per step for all orders and images (tokens); mean-fill ranks the same."""
+    (B, gh, gw). One forward per step for all orders and images; `mean_fill` sets the same patches'
+    pixels to each image's channel mean instead of dropping their tokens."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     grid = tuple(int(g) for g in method.layout.grid)
