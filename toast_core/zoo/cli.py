@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", type=Path, default=ZOO_DIR, help="zoo folder (default: checkpoints/zoo)")
     p.add_argument("--force", action="store_true", help="retrain entries whose card is current")
     p.add_argument("--smoke", action="store_true", help="fixture backbone, random data (needs --root)")
+    p.add_argument("--append-results", action="store_true",
+                   help="verify: write the zoo's table and the verify line into benchmarks/RESULTS.md")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +45,12 @@ def run(args: argparse.Namespace) -> int:
         from toast_core.zoo.verify import result_line, verify
 
         summary = verify(backbone, args.root)
-        print(result_line(summary))
+        line = result_line(summary)
+        if args.append_results and not args.smoke:
+            from toast_core.zoo.report import write_results_section, zoo_rows
+
+            write_results_section(zoo_rows(backbone, args.root), line)
+        print(line)
         return 0 if summary["modules"] and summary["max_card_drift"] <= 0.02 else 1
     from toast_core.zoo.catalog import zoo_entries
 

@@ -72,3 +72,37 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['trainable %']:.3f} | {r['steps x batch']}, {r['lr']:g} | {r['train s']:.0f} |"
         )
     return "\n".join(lines)
+
+
+RESULTS_HEADING = "## zoo: the lecture zoo (every method from its recipe, both tasks)"
+
+
+def write_results_section(rows: list[dict[str, Any]], verify_line: str, path: Path | None = None) -> Path:
+    """Replace (or add) the zoo's section of benchmarks/RESULTS.md: its table per task and the line
+    `zoo verify` printed, with the commands that produced them."""
+    import re
+    import time
+
+    from toast_core.backbone import CHECKPOINT_DIR
+
+    path = path or CHECKPOINT_DIR.parent / "benchmarks" / "RESULTS.md"
+    parts = [RESULTS_HEADING, ""]
+    for task in sorted({r["task"] for r in rows}):
+        parts += [f"### {task}", "", markdown_table([r for r in rows if r["task"] == task]), ""]
+    parts += [
+        "- test acc: top-1 on the task's test split (n images; 95% Wilson interval); episode entries are scored on "
+        "every test image of their episode's classes; focus ratio: last-layer CLS attention (head mean) on the deciding "
+        "object over its area share; object share: the deciding object's share of the attention on objects, chance = its "
+        "share of the objects' area (both ratios of means over images, 95% bootstrap intervals over images).",
+        "- train s: wall-clock of training on the build machine (2 cores shared with other work: see each card's "
+        "`idle_s_estimate`, CPU seconds over threads, for an idle machine); one torch thread per build process.",
+        f"- `{verify_line}`",
+        "- commands: `python -m toast_core zoo build` (trains what is missing or stale), "
+        f"`python -m toast_core zoo verify --append-results` ({time.strftime('%Y-%m-%d')})",
+    ]
+    text = "\n".join(parts).rstrip() + "\n"
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(RESULTS_HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + text
+    path.write_text(new.rstrip() + "\n")
+    return path

@@ -1,0 +1,112 @@
+"""The shipped lecture zoo end to end, on the embedded backbone: its modules load and score as their
+cards say, a first visitor's Explorer compares six of them, and the Benchmark page shows the table.
+
+Slow (the embedded backbone and real modules); the browser test drives Debian's Chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from toast_core.zoo.build import ZOO_DIR
+from toast_core.zoo.catalog import FIRST_VIEW, zoo_entries
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+SLOW = 300
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from toast_core.backbone import load_backbone
+
+    return load_backbone("embedded")
+
+
+def test_the_zoo_is_shipped_for_both_tasks_within_its_size_budget(embedded):
+    entries = zoo_entries(embedded)
+    for task in ("stars", "glyphs"):
+        names = {e.entry for e in entries if e.task == task}
+        assert set(FIRST_VIEW[:6]) <= names, (task, sorted(names))
+        assert {"fewshot_lora", "fewshot_lora_fort"} <= names
+    total = sum(p.stat().st_size for p in ZOO_DIR.rglob("*") if p.is_file())
+    assert total <= 40 * 2**20, f"the zoo is {total / 2**20:.1f} MB"
+    for e in entries:  # every card states its recipe, seed, backbone and intervals
+        t = e.test
+        assert e.zoo["recipe"]["entry"] == e.entry and e.zoo["seed"] == 0 and not e.zoo["smoke"]
+        assert t["acc_lo"] <= t["acc"] <= t["acc_hi"] and t["n"] >= 300
+        assert "object_share" in t and "object_chance" in t
+
+
+def test_every_zoo_module_rescores_as_its_card_says(embedded):
+    from toast_core.zoo.catalog import first_view
+    from toast_core.zoo.verify import verify
+
+    summary = verify(embedded, ZOO_DIR, log=lambda _: None)  # every module: reload and re-score
+    assert summary["max_card_drift"] <= 0.02, [r for r in summary["rows"] if r["drift"] > 0.02]
+    assert summary["modules"] == len(zoo_entries(embedded)) >= len(first_view(embedded, "glyphs")) >= 6
+
+
+def test_benchmark_page_shows_the_zoo_table(tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    old = {k: os.environ.get(k) for k in ("TOAST_LAB_BACKBONE", "TOAST_LAB_RUNS_DIR")}
+    os.environ.update(TOAST_LAB_BACKBONE="embedded", TOAST_LAB_RUNS_DIR=str(tmp_path / "runs"))
+    try:
+        at = AppTest.from_file(str(ROOT / "pages" / "benchmark.py"), default_timeout=SLOW).run()
+        assert not at.exception
+        assert any("The lecture zoo" in str(h.value) for h in at.subheader)
+        table = at.dataframe(key="bm_zoo_table").value
+        assert len(table) >= 9 and {"linear", "lora", "toast"} <= set(table["entry"])
+        assert (table["acc lo"] <= table["test acc"]).all() and (table["test acc"] <= table["acc hi"]).all()
+        assert any("No runs of your own" in str(i.value) for i in at.info)
+        at.radio(key="bm_zoo_task").set_value("glyphs").run()
+        assert set(at.dataframe(key="bm_zoo_table").value["entry"]) >= {"linear", "lora"}
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.mark.browser
+def test_first_open_of_the_explorer_compares_six_zoo_modules(tmp_path):
+    from benchmarks.app_latency import (
+        CHROMIUM,
+        LabServer,
+        compared,
+        full_screenshot,
+        launch_chromium,
+        settle,
+        wait_text,
+    )
+
+    if not CHROMIUM.is_file():
+        pytest.skip("No /usr/bin/chromium (install Debian's chromium: apt-get install -y chromium).")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    artifacts = ROOT / ".test-artifacts" / "browser"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(SLOW * 1000)
+        server = LabServer(tmp_path / "runs", "embedded", artifacts / "zoo_server.log").start()
+        try:
+            server.wait_ready(SLOW)
+            page.goto(f"{server.url}/explorer")
+            wait_text(page, compared(7, "stars/test/0"), SLOW)  # the base + six zoo modules, nothing trained
+            settle(page, timeout_s=SLOW)
+            body = page.inner_text("body")
+            zoo_tiles = set(re.findall(r"(\w+) \(stars zoo, test \d+%\)", body))
+            assert len(zoo_tiles) >= 6, body[:2000]
+            predictions = re.findall(r"predicted: (star\d-(?:thin|fat)) \((\d\.\d\d)\)", body)
+            assert len(predictions) >= 6, body[:2000]  # each zoo module names a stars class
+            full_screenshot(page, artifacts / "explorer_zoo.png")
+        finally:
+            server.stop()
+            browser.close()
+    log = (artifacts / "zoo_server.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
