@@ -187,7 +187,7 @@ def add_parsers(sub: Any) -> None:
                        "colour scale, headless (for slides). IMAGE is a file or 'scene:<task>:<split>:<index>'.")
     p.add_argument("image", help="image file, or a built-in scene such as scene:stars:test:3")
     p.add_argument("--runs", nargs="+", required=True, metavar="RUN", help="run ids / run folders / module files; 'base' = the plain backbone")
-    p.add_argument("--view", default="cls", help="cls, rollout, grad_rollout, gradcam, selection, toast_pass1, toast_pass2 (default cls)")
+    p.add_argument("--view", default="cls", help="cls, rollout, grad_rollout, gradcam, relevance, selection, toast_pass1, toast_pass2 (default cls)")
     p.add_argument("--layer", type=int, default=-1, help="layer for cls / TOAST pass views (default -1 = last)")
     p.add_argument("--head", default="mean", help="head index or 'mean' (default mean)")
     p.add_argument("--out", required=True, help="output PNG")
