@@ -52,7 +52,7 @@ from toast_core.forward import (
     steered_forward,
 )
 from toast_core.methods.base import MethodConfig, MethodOutput, SteeringMethod
-from toast_core.methods.toast_decoder import ToastDecoder, decoder_matrix
+from toast_core.methods.toast_decoder import ToastDecoder, check_pretuned_state, decoder_matrix
 
 CAPTURE_FIELDS = ("cls_attn", "attn", "attn_logits", "block_inputs", "block_outputs")
 INIT_MODES = ("auto", "pretuned", "scratch")
@@ -152,6 +152,7 @@ class Toast(SteeringMethod):
             raise TypeError(f"{type(self).__name__} needs a ToastConfig, got {type(cfg).__name__}.")
         depth = backbone.layout.depth
         self.feedback_start, self.feedback_stop = _feedback_range(cfg, depth)
+        self.resume_block = self.feedback_start if cfg.feedback_to else 0  # where pass 2 starts
         super().__init__(backbone, num_classes, cfg)
         self.init_source = self._initialise(cfg.init)
 
@@ -203,26 +204,7 @@ class Toast(SteeringMethod):
         `.linear2.weight`); a TOAST-Lite module takes them as its frozen base weights and keeps its
         LoRA update at zero. The head is task-specific and never loaded.
         """
-        depth, d = self.layout.depth, self.layout.embed_dim
-        if any("lora_" in k for k in state_dict):
-            raise ValueError("load_pretuned takes a full TOAST module's state dict, not a TOAST-Lite one.")
-        expected = {
-            f"decoders.{l}.{name}.weight": (d, d) for l in range(depth) for name in ("linear", "linear2")
-        }
-        expected["xi"] = (d,)
-        problems = [f"missing {k}" for k in expected if k not in state_dict]
-        problems += [
-            f"{k}: {tuple(state_dict[k].shape)} vs {shape}"
-            for k, shape in expected.items()
-            if k in state_dict and tuple(state_dict[k].shape) != shape
-        ]
-        if "P" in state_dict and tuple(state_dict["P"].shape) != (d, d):
-            problems.append(f"P: {tuple(state_dict['P'].shape)} vs {(d, d)}")
-        if problems:
-            raise ValueError(
-                f"Not a pre-tuned TOAST module for this backbone (depth {depth}, width {d}): "
-                + "; ".join(problems[:8])
-            )
+        check_pretuned_state(state_dict, self.layout.depth, self.layout.embed_dim)
         with torch.no_grad():
             for l, dec in enumerate(self.decoders):
                 dec.linear.weight.copy_(state_dict[f"decoders.{l}.linear.weight"])
@@ -327,7 +309,7 @@ class Toast(SteeringMethod):
         """What pass 1 records: the caller's CLS rows (pass-1 vs pass-2 views), the stream entering
         the first feedback block (pass 2 starts there), and every capture of blocks pass 2 skips."""
         depth = self.layout.depth
-        start = self.feedback_start if self.config.feedback_to else 0
+        start = self.resume_block
         wanted = {name: set(resolve_layers(getattr(capture, name), depth)) for name in CAPTURE_FIELDS}
         fields = {name: {l for l in layers if l < start} for name, layers in wanted.items()}
         fields["cls_attn"] |= wanted["cls_attn"]
@@ -343,11 +325,6 @@ class Toast(SteeringMethod):
         fields["block_inputs"] |= set(self.feedback_blocks)
         fields["block_outputs"] |= set(self.feedback_blocks)
         return _capture(depth, **fields)
-
-    @property
-    def resume_block(self) -> int:
-        """The block pass 2 starts at: the first feedback block in late feedback, else 0."""
-        return self.feedback_start if self.config.feedback_to else 0
 
     def forward(self, images: Tensor, capture: Capture = NOTHING) -> MethodOutput:
         # (1) pass 1: nothing before the selection is trainable, so no graph (unless the caller
@@ -375,16 +352,15 @@ class Toast(SteeringMethod):
         """`forward` from cached pass-1 rows (`frozen_stage`): selection, feedback and pass 2 only."""
         start, depth = self.resume_block, self.layout.depth
         asked = self.pass1_capture(capture)
-        if any(resolve_layers(getattr(asked, n), depth) for n in CAPTURE_FIELDS if n != "block_inputs") or (
-            resolve_layers(asked.block_inputs, depth) != {start}
+        if any(
+            resolve_layers(getattr(asked, n), depth) - ({start} if n == "block_inputs" else set())
+            for n in CAPTURE_FIELDS
         ):
             raise ValueError("A cached pass 1 holds no captures; ask pass-1 views of `forward`.")
-        tokens = stage["tokens"]
-        prefix = self.layout.num_prefix_tokens
+        tokens, grid = stage["tokens"], self.layout.grid
         first = SteeredOutput(
-            tokens=tokens, hidden=tokens, patch_start=prefix, num_prompts=0, grid=self.layout.grid,
-            block_inputs={start: stage["resume"]},
-        )  # fmt: skip
+            tokens, tokens, self.layout.num_prefix_tokens, 0, grid, block_inputs={start: stage["resume"]}
+        )
         return self._after_pass1(first, capture)
 
     def _after_pass1(self, first: SteeredOutput, capture: Capture) -> MethodOutput:

@@ -7,6 +7,7 @@ whose parameter names must match the released checkpoints (bfshi/TOAST, loralib)
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -62,3 +63,25 @@ class ToastDecoder(nn.Module):
 def decoder_matrix(layer: nn.Module) -> Tensor:
     """The d×d matrix a decoder linear applies (LoRA merged, still differentiable)."""
     return layer.merged_weight() if isinstance(layer, LoRALinear) else layer.weight
+
+
+def check_pretuned_state(state_dict: Mapping[str, Tensor], depth: int, d: int) -> None:
+    """Refuse a state dict that is not a full pre-tuned TOAST module of this depth and width
+    (decoder keys `decoders.{l}.linear.weight` / `.linear2.weight`, `xi`, optional `P`)."""
+    if any("lora_" in k for k in state_dict):
+        raise ValueError("load_pretuned takes a full TOAST module's state dict, not a TOAST-Lite one.")
+    expected = {f"decoders.{l}.{name}.weight": (d, d) for l in range(depth) for name in ("linear", "linear2")}
+    expected["xi"] = (d,)
+    problems = [f"missing {k}" for k in expected if k not in state_dict]
+    problems += [
+        f"{k}: {tuple(state_dict[k].shape)} vs {shape}"
+        for k, shape in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != shape
+    ]
+    if "P" in state_dict and tuple(state_dict["P"].shape) != (d, d):
+        problems.append(f"P: {tuple(state_dict['P'].shape)} vs {(d, d)}")
+    if problems:
+        raise ValueError(
+            f"Not a pre-tuned TOAST module for this backbone (depth {depth}, width {d}): "
+            + "; ".join(problems[:8])
+        )
