@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from toast_core.backbone import Backbone
 from toast_core.methods import REGISTRY, build_method, config_for, method_names
 from toast_core.methods.base import SteeringMethod
+from toast_core.storage_codec import CodecError, decode, encode
 
 FORMAT = "toast-steering-module"
 FORMAT_VERSION = 1
@@ -107,11 +108,13 @@ def save_module(
     metrics: dict[str, Any] | None = None,
     timings: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    storage: str = "float32",
 ) -> Path:
     """Write the method's state dict and its card; returns the card path (`<stem>.json`).
 
     A directory gets an automatic stem `<method>_<task>_<UTC time>`; `extra["class_names"]` (or a
-    `class_names` attribute on the method) is recorded as the card's class names.
+    `class_names` attribute on the method) is recorded as the card's class names. `storage` names
+    the `storage_codec` the tensors are written with (the card records it; loading decodes it).
     """
     target = Path(path_dir_or_stem)
     extra = dict(extra or {})
@@ -123,7 +126,8 @@ def save_module(
     weights_path, card_path = paths_for(stem)
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in method.state_dict().items()}
-    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    stored = encode(tensors, storage)
+    _atomic_write(weights_path, lambda tmp: save_file(stored, tmp, metadata={"format": FORMAT}))
 
     backbone = method.backbone
     class_names = extra.pop("class_names", None) or getattr(method, "class_names", None)
@@ -147,6 +151,7 @@ def save_module(
         "extra": extra,
         "describe": method.describe(),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "storage": storage,
         "weights_file": weights_path.name,
         "weights_sha256": _sha256(weights_path),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -220,6 +225,10 @@ def load_module(path: str | os.PathLike[str], backbone: Backbone) -> SteeringMet
         state = load_file(str(weights_path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"Could not read '{weights_path.name}' as safetensors: {exc}") from exc
+    try:
+        state = decode(state, str(card.get("storage", "float32")), method.state_dict())
+    except CodecError as exc:
+        raise CheckpointError(f"'{weights_path.name}' does not decode as its card says: {exc}") from exc
     _load_state(method, state, weights_path.name)
     method.class_names = card.get("class_names")  # type: ignore[attr-defined]
     method.card = card  # type: ignore[attr-defined]

@@ -2,14 +2,15 @@
 (safetensors + card) into checkpoints/zoo/<task>/<entry>.
 
 Deterministic: a fixed thread count, the recipe, the seed and the data seed fix every number on the
-same machine. Modules holding a full copy of the backbone (full fine-tunes, attention-transfer
-students) are stored in float16 to fit the zoo's size budget; the card's numbers are measured on the
-rounded weights, i.e. on exactly what is shipped.
+same machine. Large modules (full fine-tunes and attention-transfer students hold a whole copy of the
+backbone; TOAST's decoders) are stored as int8 rows (`storage_codec`) to fit the zoo's size budget;
+the card's numbers are measured on the decoded weights, i.e. on exactly what a reader loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,15 +23,17 @@ from toast_core.checkpoints import read_card, save_module
 from toast_core.data.base import LabeledImages
 from toast_core.methods.base import SteeringMethod
 from toast_core.recipes import DATA_SEED, RECIPES, TEST_PER_CLASS, TRAIN_PER_CLASS, VAL_PER_CLASS, Recipe
+from toast_core.storage_codec import roundtrip
 from toast_core.zoo.evaluate import score_split
 from toast_core.zoo.train_entry import build_entry_method, task_splits, train_entry, train_episode_entry
 
 ZOO_DIR = CHECKPOINT_DIR / "zoo"
 ZOO_FORMAT = "toast-zoo-entry"
-#: modules above this many parameters are stored (and scored) in float16
-FP16_ABOVE_PARAMS = 250_000
-#: entries not shipped for a task, to stay inside the zoo's 40 MB budget (each holds a 5.4 MB copy
-#: of the backbone); `zoo build --entries ...` builds them locally on request
+#: modules above this many parameters are stored (and scored) in the compact codec
+COMPACT_ABOVE_PARAMS = 250_000
+COMPACT_CODEC = "int8-rows"
+#: entries not shipped for a task, to stay inside the zoo's 40 MB budget (each holds a 2.8 MB int8
+#: copy of the backbone); `zoo build --entries ...` builds them locally on request
 NOT_SHIPPED: dict[str, tuple[str, ...]] = {
     "stars": ("fewshot_full", "fewshot_full_fort"),
     "glyphs": ("transfer_scratch", "transfer_copy", "transfer_distill"),
@@ -53,15 +56,16 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, steps=2, batch_size=4)
 
 
+def storage_for(num_params: int) -> str:
+    return COMPACT_CODEC if num_params > COMPACT_ABOVE_PARAMS else "float32"
+
+
 def round_to_storage(method: SteeringMethod) -> str:
-    """Round a large module's float tensors through float16 in place; returns the storage dtype."""
-    if sum(t.numel() for t in method.state_dict().values()) <= FP16_ABOVE_PARAMS:
-        return "float32"
-    with torch.no_grad():
-        for t in method.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(t.half().float())
-    return "float16"
+    """Put the module through its storage codec in place (it then holds what a reader will load);
+    returns the codec."""
+    codec = storage_for(sum(t.numel() for t in method.state_dict().values()))
+    roundtrip(method, codec)
+    return codec
 
 
 def _card_is_current(stem: Path, recipe: Recipe, seed: int, backbone: Backbone) -> bool:
@@ -70,8 +74,10 @@ def _card_is_current(stem: Path, recipe: Recipe, seed: int, backbone: Backbone) 
     except Exception:
         return False
     zoo = (card.get("extra") or {}).get("zoo") or {}
+    num_params = sum(math.prod(shape) for shape in (card.get("tensors") or {}).values())
     return (
-        zoo.get("recipe") == _jsonable_recipe(recipe)
+        card.get("storage", "float32") == storage_for(num_params)
+        and zoo.get("recipe") == _jsonable_recipe(recipe)
         and zoo.get("seed") == seed
         and (card.get("backbone") or {}).get("weights_hash") == backbone.weights_hash
     )
@@ -170,6 +176,7 @@ def build(
                 metrics={"test_acc": test["acc"], "val_acc": (info.get("val") or {}).get("acc")},
                 timings={"train_s": info["train_s"]},
                 extra={"class_names": info.pop("class_names"), "zoo": {"format": ZOO_FORMAT, "entry": recipe.entry, **info}},
+                storage=info["storage_dtype"],
             )
             cards.append(card)
             log(
