@@ -153,7 +153,7 @@ def new_run_form(backbone, manager) -> None:
 
     task = (data or {}).get("task", "")
     d = run_defaults(task, method)
-    if not d["recipe"]:
+    if task not in TASKS:  # built-in tasks followed their (recipe or generic) defaults in task_settings
         follow_recipe("generic", {"tl_steps": d["steps"], "tl_batch": d["batch_size"], "tl_lr": float(d["lr"])})
     st.markdown("**Budget**" + (f" — the lecture recipe `{d['recipe']}` for {task}" if d["recipe"] else ""))
     cols = st.columns(4)

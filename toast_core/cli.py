@@ -50,20 +50,42 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.method not in method_names():
         raise UsageError(f"unknown method '{args.method}'; methods: {', '.join(method_names())}.")
+    from toast_core.recipes import run_defaults
+
+    defaults = run_defaults(args.task, args.method)
+    for name in ("per_class", "val_per_class", "steps", "batch_size", "lr", "weight_decay", "warmup_steps"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    if defaults["recipe"] and not args.quiet:
+        print(f"lecture recipe '{defaults['recipe']}' for {args.task}: {args.steps} steps x {args.batch_size}, "
+              f"lr {args.lr:g}, {args.per_class} images per class", file=sys.stderr)
     train = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
              "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps, "eval_every": args.eval_every}
+    if defaults["recipe"]:
+        train["min_lr"] = defaults["min_lr"]
     config = RunConfig(
         method=args.method, task=args.task, method_config=_method_settings(args.set), name=args.name,
         per_class=args.per_class, val_per_class=args.val_per_class, train=train, device=args.device,
         seed=args.seed, data_seed=args.data_seed, snapshot_every=args.snapshot_every, checkpoint_every=args.checkpoint_every,
     )
+    if args.run_config:  # a launcher's exact RunConfig (toast_core.runs.torchrun.launch)
+        config = RunConfig.from_dict(json.loads(Path(args.run_config).read_text()))
+    from toast_core.runs import torchrun
+
+    world = torchrun.join(config)  # under torchrun: rank 0 records the run, the other ranks follow it
     _limit_threads(args.threads)
-    backbone = backbone_from_spec(args.backbone, args.weights, args.device)
+    backbone = backbone_from_spec(args.backbone, args.weights, config.device)
+    if world is not None and not world.is_main:
+        from toast_core.runs.follower import follow
+
+        follow(config, backbone, config.device, args.threads)
+        return EXIT_OK
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     manager = RunManager(runs_dir, backbone, cpu_workers=1, gpu_workers_per_device=1, cpu_threads=args.threads)
     run_id = None
     try:
         run_id = manager.submit(config)
+        torchrun.write_run_id(args.run_id_file, run_id)
         bar = tqdm(total=args.steps, desc=config.display_name, unit="step", file=sys.stderr,
                    disable=args.quiet, dynamic_ncols=True, mininterval=0.5)
         try:
@@ -89,7 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if run_id is not None:
             manager.cancel(run_id)
             status = manager.wait(run_id, timeout=120)
-            print(f"cancelled run {run_id} at step {status.step} (resume it in the app's Tuning Lab)", file=sys.stderr)
+            why = f": {status.error}" if status.state == "failed" else " (resume it in the app's Tuning Lab)"
+            print(f"{status.state} run {run_id} at step {status.step}{why}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         manager.shutdown(cancel=True, wait=True, timeout=120)
@@ -149,13 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "(config, history, module) lands in the registry the app reads. Progress on stderr.")
     p.add_argument("--method", required=True, help="steering method (linear, full, bitfit, lora, vpt, ...)")
     p.add_argument("--task", required=True, help="'stars', 'glyphs', 'folder:<path>' or 'episode:<n>:<k>:<q>[:<i>]:<base>'")
-    p.add_argument("--per-class", type=int, default=50, help="training images per class (default 50)")
-    p.add_argument("--val-per-class", type=int, default=10, help="validation images per class (default 10; 0 = none)")
-    p.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
+    # data and budget default to the lecture recipe on a built-in task (toast_core.recipes.run_defaults)
+    p.add_argument("--per-class", type=int, default=None, help="training images per class (default: the recipe's, else 50)")
+    p.add_argument("--val-per-class", type=int, default=None, help="validation images per class (default: recipe 20, else 10; 0 = none)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the recipe's, else 100)")
+    p.add_argument("--batch-size", type=int, default=None, help="(default: the recipe's, else 32)")
+    p.add_argument("--lr", type=float, default=None, help="(default: the recipe's, else 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = at the end)")
     p.add_argument("--snapshot-every", type=int, default=10, help="attention snapshot every N steps (0 = never)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="save checkpoint_last every N steps (0 = never)")
@@ -166,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--run-id-file", default=None, help=argparse.SUPPRESS)  # a torchrun launcher learns the id here
+    p.add_argument("--run-config", default=None, help=argparse.SUPPRESS)  # ... and hands over its exact RunConfig
     _add_runs_dir(p)
     _add_backbone_args(p)
     p.set_defaults(func=cmd_train)

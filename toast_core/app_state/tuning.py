@@ -108,9 +108,15 @@ def needs_episode_prompts(name: str) -> bool:
     return issubclass(method_class(name), FortMixin)
 
 
-def submit_run(manager: RunManager, **config: Any) -> str:
-    """Build and submit a RunConfig; ValueError / RunError carry messages for the user."""
-    return manager.submit(RunConfig(**config))
+def submit_run(manager: RunManager, *, processes: int = 1, **config: Any) -> str:
+    """Build and submit a RunConfig; ValueError / RunError carry messages for the user. With
+    `processes` > 1 the run is launched over that many GPUs with torchrun (`runs.torchrun.submit`)."""
+    run_config = RunConfig(**config)
+    if processes > 1:
+        from toast_core.runs import torchrun
+
+        return torchrun.submit(manager, run_config, processes)
+    return manager.submit(run_config)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
