@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - T0) / 60
     if args.append_results:
         section = (f"{HEADING}\n\n{text}\n\n- n = {args.n} mixed scenes (one star, one digit, 1-3 distractors; "
-                   "`data.scenes.make_mixed_split`), last-layer CLS attention, head mean; switch as defined in "
+                   "`data.mixed.make_mixed_split`), last-layer CLS attention, head mean; switch as defined in "
                    f"`toast_core.zoo.task_switch`; command: `python benchmarks/task_switch.py --n {args.n} "
                    f"--append-results` ({time.strftime('%Y-%m-%d')})\n")
         old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"

@@ -236,7 +236,7 @@ def test_presets_are_picked_by_rule_and_stored(smoke_zoo, backbone):
 
 # --- task-dependent attention ----------------------------------------------------------------------
 def test_mixed_scenes_hold_a_star_and_a_digit_with_their_masks():
-    from toast_core.data.scenes import make_mixed_split
+    from toast_core.data.mixed import make_mixed_split
 
     d = make_mixed_split(12, size=48)
     assert d.images.shape == (12, 3, 48, 48) and len(d) == 12

@@ -22,7 +22,7 @@ import csv
 import json
 from pathlib import Path
 
-from toast_core.data.files import DatasetLayoutError, Fit, FileSet
+from toast_core.data.files import DatasetLayoutError, FileSet, Fit
 
 FGVC_SPLITS = ("train", "val", "test", "trainval")
 IMAGE_DIR_CANDIDATES = ("images", "Images", "jpg", "")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toast_core.data.files import DatasetLayoutError, Fit, FileSet
+from toast_core.data.files import DatasetLayoutError, FileSet, Fit
 
 VTAB_SPLITS = {"train800": "train800.txt", "val200": "val200.txt", "train800val200": "train800val200.txt",
                "test": "test.txt"}

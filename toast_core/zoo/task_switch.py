@@ -1,6 +1,6 @@
 """Task-dependent attention (the TOAST papers' signature figure), measured on the zoo.
 
-On scenes that hold one star and one digit (`data.scenes.make_mixed_split`), each method's stars
+On scenes that hold one star and one digit (`data.mixed.make_mixed_split`), each method's stars
 module and glyphs module look at the same images. Top-down steering should move attention with the
 task: onto the star under the stars module, onto the digit under the glyphs module. A linear probe
 cannot (both its modules share the frozen backbone's attention), so its switch is exactly 0.
@@ -35,7 +35,7 @@ def _focus(method: Any, images: Any, masks: Any) -> tuple[np.ndarray, np.ndarray
 def task_switch(backbone: Backbone, n: int = 400, root: Path = ZOO_DIR, seed: int = 0) -> list[dict[str, Any]]:
     """One row per entry shipped for both tasks: switch (mean, 95% CI, n), focus on star and digit
     under each module, and each module's accuracy on its own object of the mixed scenes."""
-    from toast_core.data.scenes import make_mixed_split
+    from toast_core.data.mixed import make_mixed_split
     from toast_core.fewshot import mean_ci95
 
     data = make_mixed_split(n, seed)
