@@ -63,3 +63,33 @@ def test_an_upload_over_the_size_limit_never_reaches_the_server(server, tmp_path
     with pytest.raises(ValueError, match="exceeds the maximum file size"):
         _compare(client, big)
     assert "Traceback" not in srv.log()
+
+
+@pytest.mark.browser
+def test_a_refusal_is_shown_in_the_page(server) -> None:
+    """In Chromium: the refused upload's message appears in the page (Gradio's error toast carries
+    the library's text, not Gradio's generic preprocessing error)."""
+    import re
+
+    from benchmarks.app_latency import CHROMIUM, launch_chromium
+
+    if not CHROMIUM.is_file():
+        pytest.skip("No /usr/bin/chromium (install Debian's chromium: apt-get install -y chromium).")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    srv, _client, _paths = server
+    upload = next(u for u in refused_images() if u.key == "text_png")
+    with sync_api.sync_playwright() as p:
+        browser = launch_chromium(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(STARTUP_S * 1000)
+            page.goto(srv.url)
+            page.locator("input[type=file]").first.set_input_files(
+                files=[{"name": upload.name, "mimeType": "image/png", "buffer": upload.data}])
+            page.get_by_text(Path(upload.name).stem, exact=True).first.wait_for()  # the upload reached the server
+            page.get_by_role("button", name="Compare", exact=True).click()
+            page.get_by_text(re.compile(re.escape(f"'{upload.name}'") + ".*" + re.escape(upload.refusal))).first.wait_for()
+            assert page.get_by_text("Could not preprocess").count() == 0
+        finally:
+            browser.close()
+    assert "Traceback" not in srv.log()
