@@ -67,7 +67,8 @@ def zoo_section(backbone) -> None:
     st.caption("Every method trained on each built-in task from its lecture recipe (learning rates chosen "
                "on the validation split), scored on the test split. Brackets: 95% intervals (Wilson for "
                "accuracy, bootstrap over images for focus). Object share: the deciding object's share of "
-               "the attention that lands on objects; chance = its share of the objects' area.")
+               "the attention that lands on objects; chance = its share of the objects' area. Faith gap: LeRF − MoRF "
+               "token-deletion AUC of the same map (> 0: the prediction depends on where the map points).")
     df = pd.DataFrame(rows)
     tasks = sorted(df["task"].unique())
     task = st.radio("Task", tasks, horizontal=True, key="bm_zoo_task")
@@ -76,7 +77,7 @@ def zoo_section(backbone) -> None:
         mine.drop(columns=["key", "task"]), hide_index=True, width="stretch",
         column_config={c: st.column_config.NumberColumn(format="%.3f") for c in
                        ("test acc", "acc lo", "acc hi", "val acc", "object share", "object lo", "object hi",
-                        "object chance", "trainable %")} | {
+                        "object chance", "trainable %", "faith gap", "gap lo", "gap hi", "MoRF AUC", "LeRF AUC")} | {
                        c: st.column_config.NumberColumn(format="%.2f") for c in ("focus ratio", "focus lo", "focus hi")},
         key="bm_zoo_table",
     )

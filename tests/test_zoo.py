@@ -89,6 +89,39 @@ def test_build_is_deterministic_and_keeps_current_cards(smoke_zoo, backbone, tmp
     assert said == ["[stars] lora: card is current, kept"]
 
 
+def test_a_card_with_older_scores_is_rescored_without_retraining(smoke_zoo, backbone, tmp_path):
+    import shutil
+
+    import toast_core.zoo.build as zb
+
+    root, _ = smoke_zoo
+    shutil.copytree(root, tmp_path / "zoo")
+    stem = tmp_path / "zoo" / "stars" / "lora"
+    card = json.loads(stem.with_suffix(".json").read_text())
+    faith = card["extra"]["zoo"].pop("faithfulness")
+    card["extra"]["zoo"]["scoring"] = zb.SCORING_VERSION - 1
+    stem.with_suffix(".json").write_text(json.dumps(card))
+    weights = stem.with_suffix(".safetensors").read_bytes()
+    said: list[str] = []
+    build(["stars"], ("lora",), root=tmp_path / "zoo", backbone=backbone, smoke=True, threads=1, log=said.append)
+    assert len(said) == 1 and "re-scored" in said[0]
+    assert stem.with_suffix(".safetensors").read_bytes() == weights
+    again = json.loads(stem.with_suffix(".json").read_text())["extra"]["zoo"]
+    assert again["scoring"] == zb.SCORING_VERSION and again["faithfulness"] == faith
+    assert again["test"] == card["extra"]["zoo"]["test"]
+    assert faith["n"] == 12 and faith["gap_lo"] <= faith["gap"] <= faith["gap_hi"]
+
+
+def test_a_rewritten_card_must_keep_its_weights_hash(smoke_zoo, tmp_path):
+    from toast_core.checkpoints import CheckpointError, rewrite_card
+
+    root, _ = smoke_zoo
+    card = json.loads((root / "stars" / "lora.json").read_text())
+    card["weights_sha256"] = "0" * 64
+    with pytest.raises(CheckpointError, match="weights' hash"):
+        rewrite_card(root / "stars" / "lora", card)
+
+
 def test_verify_rescoring_matches_the_cards(smoke_zoo, backbone):
     root, _ = smoke_zoo
     summary = verify(backbone, root, log=lambda _: None)

@@ -161,6 +161,17 @@ def save_module(
     return card_path
 
 
+def rewrite_card(path: str | os.PathLike[str], card: dict[str, Any]) -> Path:
+    """Write a changed card beside its unchanged weights (a re-scored module): the weights' hash must
+    still match, so a card can never be made to describe other tensors."""
+    weights_path, card_path = paths_for(path)
+    if card.get("format") != FORMAT or card.get("weights_sha256") != _sha256(weights_path):
+        raise CheckpointError(f"'{card_path.name}': a rewritten card must keep its format and its weights' hash.")
+    text = json.dumps(_jsonable(card), indent=2)
+    _atomic_write(card_path, lambda tmp: Path(tmp).write_text(text))
+    return card_path
+
+
 # --- load -----------------------------------------------------------------------------------------
 def read_card(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The card of a checkpoint (stem, .json or .safetensors path), checked for format."""

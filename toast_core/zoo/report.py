@@ -19,6 +19,7 @@ def _get(d: dict[str, Any], key: str) -> float:
 
 def entry_row(e: ZooEntry) -> dict[str, Any]:
     t, zoo = e.test, e.zoo
+    faith = zoo.get("faithfulness") or {}
     recipe = zoo.get("recipe") or {}
     describe = e.card.get("describe") or {}
     return {
@@ -38,6 +39,12 @@ def entry_row(e: ZooEntry) -> dict[str, Any]:
         "object lo": _get(t, "object_share_lo"),
         "object hi": _get(t, "object_share_hi"),
         "object chance": _get(t, "object_chance"),
+        "faith gap": _get(faith, "gap"),
+        "gap lo": _get(faith, "gap_lo"),
+        "gap hi": _get(faith, "gap_hi"),
+        "MoRF AUC": _get(faith, "morf_auc"),
+        "LeRF AUC": _get(faith, "lerf_auc"),
+        "n faith": faith.get("n"),
         "trainable %": 100.0 * _get(describe, "trainable_share"),
         "train s": _get(zoo, "train_s"),
         "steps x batch": f"{recipe.get('steps')} x {recipe.get('batch_size')}",
@@ -62,13 +69,14 @@ def _ci(v: float, lo: float, hi: float, spec: str) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The table as Markdown: accuracy, focus ratio and object share, each with its 95% interval."""
     head = ("| task | entry | method | test acc [95% CI] | n | val acc | focus ratio [95% CI] "
-            "| object share [95% CI] (chance) | trainable % | steps x batch, lr | train s |")
+            "| object share [95% CI] (chance) | LeRF − MoRF [95% CI] (n) | trainable % | steps x batch, lr | train s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['entry']} | {r['method']} | {_ci(r['test acc'], r['acc lo'], r['acc hi'], '.3f')} "
             f"| {r['n test']} | {r['val acc']:.3f} | {_ci(r['focus ratio'], r['focus lo'], r['focus hi'], '.2f')} "
             f"| {_ci(r['object share'], r['object lo'], r['object hi'], '.3f')} ({r['object chance']:.3f}) "
+            f"| {_ci(r['faith gap'], r['gap lo'], r['gap hi'], '.3f')} ({r['n faith']}) "
             f"| {r['trainable %']:.3f} | {r['steps x batch']}, {r['lr']:g} | {r['train s']:.0f} |"
         )
     return "\n".join(lines)
@@ -93,7 +101,10 @@ def write_results_section(rows: list[dict[str, Any]], verify_line: str, path: Pa
         "- test acc: top-1 on the task's test split (n images; 95% Wilson interval); episode entries are scored on "
         "every test image of their episode's classes; focus ratio: last-layer CLS attention (head mean) on the deciding "
         "object over its area share; object share: the deciding object's share of the attention on objects, chance = its "
-        "share of the objects' area (both ratios of means over images, 95% bootstrap intervals over images).",
+        "share of the objects' area (both ratios of means over images, 95% bootstrap intervals over images); "
+        "LeRF − MoRF: area between the predicted class's probability curves as the same map's least / most attended "
+        "patch tokens are dropped (10 steps; the first 8 test images per class, n; > 0 = the prediction depends on "
+        "where the map points; bootstrap 95% interval over images).",
         "- train s: wall-clock of training on the build machine (2 cores shared with other work: see each card's "
         "`idle_s_estimate`, CPU seconds over threads, for an idle machine); one torch thread per build process.",
         f"- `{verify_line}`",
