@@ -16,7 +16,7 @@ from toast_core.methods import build_method, method_names
 from toast_core.recipes import RECIPES, TEST_PER_CLASS, default_for, recipe
 from toast_core.stats import bootstrap_interval, ratio_of_means, wilson_interval
 from toast_core.views.objects import focus_report
-from toast_core.zoo.build import NOT_SHIPPED, ZOO_DIR, build, round_to_storage
+from toast_core.zoo.build import ZOO_DIR, build, round_to_storage
 from toast_core.zoo.catalog import find_entry, first_view, load_entry, zoo_entries
 from toast_core.zoo.verify import result_line, verify
 
@@ -188,11 +188,6 @@ def test_catalog_lists_loads_and_filters_by_backbone(smoke_zoo, backbone):
     assert other.weights_hash != backbone.weights_hash and zoo_entries(other, root) == []
     with pytest.raises(KeyError, match="No zoo module 'stars/nope'"):
         find_entry("zoo:stars/nope", backbone, root)
-
-
-def test_not_shipped_entries_exist_in_the_recipes():
-    for task, names in NOT_SHIPPED.items():
-        assert set(names) <= set(RECIPES[task])
 
 
 # --- statistics and the object focus measure -------------------------------------------------------------

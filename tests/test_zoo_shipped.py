@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from toast_core.recipes import RECIPES
 from toast_core.zoo.build import ZOO_DIR
 from toast_core.zoo.catalog import FIRST_VIEW, zoo_entries
 
@@ -33,7 +34,7 @@ def test_the_zoo_is_shipped_for_both_tasks_within_its_size_budget(embedded):
     for task in ("stars", "glyphs"):
         names = {e.entry for e in entries if e.task == task}
         assert set(FIRST_VIEW[:6]) <= names, (task, sorted(names))
-        assert {"fewshot_lora", "fewshot_lora_fort"} <= names
+        assert names == set(RECIPES[task]), (task, sorted(set(RECIPES[task]) - names))  # every recipe
     total = sum(p.stat().st_size for p in ZOO_DIR.rglob("*") if p.is_file())
     assert total <= 40 * 2**20, f"the zoo is {total / 2**20:.1f} MB"
     for e in entries:  # every card states its recipe, seed, backbone and intervals
@@ -41,6 +42,8 @@ def test_the_zoo_is_shipped_for_both_tasks_within_its_size_budget(embedded):
         assert e.zoo["recipe"]["entry"] == e.entry and e.zoo["seed"] == 0 and not e.zoo["smoke"]
         assert t["acc_lo"] <= t["acc"] <= t["acc_hi"] and t["n"] >= 300
         assert "object_share" in t and "object_chance" in t
+        faith = e.zoo["faithfulness"]
+        assert faith["gap_lo"] <= faith["gap"] <= faith["gap_hi"] and faith["n"] >= 40
 
 
 def test_every_zoo_module_rescores_as_its_card_says(embedded):
