@@ -80,7 +80,9 @@ def test_upload_compare_tune_and_see_the_new_module(browser_page) -> None:
     wait_text(page, compared(1, "stars/test/0"), SLOW)
     upload_on_explorer(page, "probe.png", png_bytes(7), SLOW)
     wait_text(page, compared(1, "probe.png"), SLOW)
-    assert page.locator("[data-testid='stImage']").count() >= 2  # the image and one overlay
+    # the image and one overlay; the caption can render before the images do on a loaded machine
+    page.locator("[data-testid='stImage']").nth(1).wait_for(state="visible", timeout=SLOW * 1000)
+    assert page.locator("[data-testid='stImage']").count() >= 2
     assert page.get_by_text(re.compile("Traceback")).count() == 0
     shot(page, "explorer_upload")
 

@@ -27,7 +27,9 @@ from toast_core.cli_common import FIXTURE_KWARGS
 REPO = Path(__file__).resolve().parent.parent
 FIX = ["--backbone", "fixture"]
 SECONDS = 10.0  # "within seconds": from the kill to every front end saying interrupted
-LONG_STEPS = 600  # long enough to be killed mid-run on any machine, short enough to resume in CI
+# bitfit runs the backbone every step (a linear probe trains on cached features and would finish 600
+# steps in a fraction of a second, before it could be killed)
+LONG_STEPS = 2000  # long enough to be killed mid-run on any machine, short enough to resume in CI
 SLOW = 300
 
 
@@ -41,7 +43,7 @@ def _env() -> dict[str, str]:
 
 
 def _train_args(root: Path, steps: int, seed: int = 0) -> list[str]:
-    return ["train", "--method", "linear", "--task", "stars", "--per-class", "2", "--val-per-class", "1",
+    return ["train", "--method", "bitfit", "--task", "stars", "--per-class", "2", "--val-per-class", "1",
             "--steps", str(steps), "--batch-size", "4", "--checkpoint-every", "10", "--snapshot-every", "0",
             "--seed", str(seed), "--threads", "1", "--quiet", "--runs-dir", str(root), *FIX]
 
