@@ -199,8 +199,8 @@ def _metrics_difference(a: dict, b: dict) -> float:
 
 def rerun_alone(backbone, runs_dir: Path, run_id: str, threads: int | None, scratch: Path):
     """The run's recorded config trained again, alone, in a fresh registry; returns (status, folder)."""
-    from toast_core.runs.registry import read_run
     from toast_core.runs import RunConfig, RunManager
+    from toast_core.runs.registry import read_run
 
     config = RunConfig.from_dict(read_run(runs_dir / run_id).config)
     root = scratch / f"alone-{run_id}"

@@ -146,11 +146,11 @@ def find_datasets(root: Path, size: int, fit: str, workers: int | None) -> list[
     for folder in folders:
         kw = {"size": size, "fit": fit, "num_workers": workers}
         if _is_fgvc(folder):
-            read = lambda s, f=folder: fgvc_split(f, s, **kw)  # noqa: E731
+            read = lambda s, f=folder, kw=kw: fgvc_split(f, s, **kw)  # noqa: E731
             splits = ("train", "val", "train", "test")
             layout = "fgvc"
         else:
-            read = lambda s, f=folder: vtab_split(f, s, **kw)  # noqa: E731
+            read = lambda s, f=folder, kw=kw: vtab_split(f, s, **kw)  # noqa: E731
             splits = ("train800", "val200", "train800val200", "test")
             layout = "vtab-1k"
         column = FOLDER_COLUMN.get(folder.name.lower(), folder.name)

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hostile_inputs import decodable_images, refused_images, write_images
 
 from benchmarks.servers import GradioServer
-from hostile_inputs import decodable_images, refused_images, write_images
 
 gradio_client = pytest.importorskip("gradio_client")
 

@@ -11,7 +11,6 @@ from streamlit.logger import get_logger
 
 from .session import DATASETS_DIR, MAX_ZIP_MB, runs_root
 
-
 LOG = get_logger(__name__)
 
 

@@ -31,7 +31,6 @@ from toast_core.views import AttentionView, ViewUnavailable, cls_maps, compute_v
 
 from .session import BASE_KEY, MAX_IMAGE_MB, active_spec, module_for, module_stamp
 
-
 LOG = get_logger(__name__)
 
 
