@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from fewshot import RESULTS_FILE, smoke_task, write_section
 
-from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, load_backbone, tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
 from toast_core.fewshot import score_queries
 from toast_core.methods import build_method

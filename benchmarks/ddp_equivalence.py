@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from toast_core import distributed
-from toast_core.backbone import tiny_fixture_backbone
+from toast_core.core.backbone import tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
 from toast_core.methods import build_method
 from toast_core.train import TrainConfig, train

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toast_core.backbone import load_backbone, tiny_fixture_backbone
+from toast_core.core.backbone import load_backbone, tiny_fixture_backbone
 from toast_core.data.scenes import make_task_split
 from toast_core.methods import build_method
 from toast_core.train import view_over

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from toast_core.backbone import Backbone, load_embedded, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, load_embedded, tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
 from toast_core.methods import build_method
 from toast_core.recipes import Recipe, recipe

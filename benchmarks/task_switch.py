@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from toast_core.backbone import load_backbone  # noqa: E402
+from toast_core.core.backbone import load_backbone  # noqa: E402
 from toast_core.zoo.task_switch import task_switch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toast_core.backbone import Backbone, _wrap, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, _wrap, tiny_fixture_backbone
+from toast_core.core.forward import Capture, Steer, pool, steered_forward
 from toast_core.feature_cache import FrozenCache
-from toast_core.forward import Capture, Steer, pool, steered_forward
 from toast_core.methods.base import SteeringMethod
 from toast_core.methods.full import FullFineTune
 from toast_core.methods.toast import Toast, ToastConfig, ToastLite

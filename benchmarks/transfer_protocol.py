@@ -44,11 +44,11 @@ from typing import Any
 import torch
 
 from toast_core import distributed
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
+from toast_core.core.stats import wilson_interval
 from toast_core.data.files import FileSet
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
-from toast_core.stats import wilson_interval
 from toast_core.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent

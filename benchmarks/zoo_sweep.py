@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from toast_core.core.stats import wilson_interval
 from toast_core.recipes import RECIPES, VAL_PER_CLASS, Recipe
-from toast_core.stats import wilson_interval
 from toast_core.zoo.train_entry import build_entry_method, task_splits, train_entry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.entries:
         wanted = {e.strip() for e in args.entries.split(",") if e.strip()}
         recipes = [r for r in recipes if r.entry in wanted]
-    from toast_core.backbone import load_backbone, tiny_fixture_backbone
+    from toast_core.core.backbone import load_backbone, tiny_fixture_backbone
 
     backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded")
     splits = task_splits(args.task, smoke=args.smoke, with_test=False)

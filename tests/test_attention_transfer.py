@@ -11,8 +11,8 @@ import pytest
 import torch
 from data_factory import rgb_squares
 
-from toast_core.backbone import Backbone, tiny_fixture_backbone, weights_hash
-from toast_core.forward import Capture, steered_forward
+from toast_core.core.backbone import Backbone, tiny_fixture_backbone, weights_hash
+from toast_core.core.forward import Capture, steered_forward
 from toast_core.methods import build_method
 from toast_core.methods.attention_transfer import (
     AttentionCopy,

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from toast_core.backbone import tiny_fixture_backbone
 from toast_core.checkpoints import (
     FORMAT_VERSION,
     CheckpointError,
@@ -19,6 +18,7 @@ from toast_core.checkpoints import (
     read_card,
     save_module,
 )
+from toast_core.core.backbone import tiny_fixture_backbone
 from toast_core.methods import build_method
 
 CLASSES = 3

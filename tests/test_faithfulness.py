@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from toast_core import views as V
-from toast_core.backbone import Backbone, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, tiny_fixture_backbone
+from toast_core.core.forward import Capture, keep_patches, steered_forward
 from toast_core.data.base import LabeledImages
-from toast_core.forward import Capture, keep_patches, steered_forward
 from toast_core.methods import build_method, method_names
 from toast_core.methods.base import SteeringMethod
 

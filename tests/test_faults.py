@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from toast_core import cli
-from toast_core.backbone import tiny_fixture_backbone
 from toast_core.cli_common import FIXTURE_KWARGS
+from toast_core.core.backbone import tiny_fixture_backbone
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = ["--backbone", "fixture"]

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from toast_core.backbone import tiny_fixture_backbone
+from toast_core.core.backbone import tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
 from toast_core.feature_cache import FrozenCache, plan_cache
 from toast_core.methods import build_method

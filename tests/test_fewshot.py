@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from benchmarks import fewshot as bench
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.data.episodes import sample_episode
 from toast_core.fewshot import (
     EpisodeCache,

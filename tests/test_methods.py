@@ -12,9 +12,9 @@ import pytest
 import torch
 from data_factory import rgb_squares
 
-from toast_core.backbone import tiny_fixture_backbone
 from toast_core.checkpoints import load_module, save_module
-from toast_core.forward import Capture
+from toast_core.core.backbone import tiny_fixture_backbone
+from toast_core.core.forward import Capture
 from toast_core.methods import (
     REGISTRY,
     UnknownMethod,

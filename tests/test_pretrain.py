@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from toast_core.backbone import build_vit
+from toast_core.core.backbone import build_vit
 from toast_core.pretrain import _SourceBatches, mean_average_precision, patch_targets, pretrain_loss
 
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import toast_core.storage_codec as codec
-from toast_core.backbone import tiny_fixture_backbone
 from toast_core.checkpoints import CheckpointError, load_module, save_module
+from toast_core.core.backbone import tiny_fixture_backbone
 from toast_core.methods import build_method
 
 

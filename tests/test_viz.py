@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from toast_core import viz
-from toast_core.backbone import tiny_fixture_backbone
+from toast_core.core.backbone import tiny_fixture_backbone
 from toast_core.methods.base import SteeringMethod
 from toast_core.views import AttentionView, cls_view
 

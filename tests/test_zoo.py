@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from toast_core.backbone import tiny_fixture_backbone
 from toast_core.checkpoints import load_module, save_module
+from toast_core.core.backbone import tiny_fixture_backbone
+from toast_core.core.stats import bootstrap_interval, ratio_of_means, wilson_interval
 from toast_core.methods import build_method, method_names
 from toast_core.recipes import RECIPES, TEST_PER_CLASS, default_for, recipe
-from toast_core.stats import bootstrap_interval, ratio_of_means, wilson_interval
 from toast_core.views.objects import focus_report
 from toast_core.zoo.build import ZOO_DIR, build, round_to_storage
 from toast_core.zoo.catalog import find_entry, first_view, load_entry, zoo_entries

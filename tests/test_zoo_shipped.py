@@ -24,7 +24,7 @@ SLOW = 300
 
 @pytest.fixture(scope="module")
 def embedded():
-    from toast_core.backbone import load_backbone
+    from toast_core.core.backbone import load_backbone
 
     return load_backbone("embedded")
 

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from toast_core.backbone import Backbone
 from toast_core.checkpoints import CheckpointError, load_module, paths_for, read_card
 from toast_core.compare import comparison_figures
+from toast_core.core.backbone import Backbone
 from toast_core.data.zip_import import ZipImportError, _safe_parts
 from toast_core.runs import (
     CONFIG_FILE,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from toast_core.backbone import Backbone
+    from toast_core.core.backbone import Backbone
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ def registry_roots(runs_dir: str | Path | None) -> list[Path]:
 
 def backbone_from_spec(spec: str = "embedded", weights: str | None = None, device: str = "auto") -> Backbone:
     """Load a backbone from its command-line spec (see BACKBONE_HELP); BackboneError on failure."""
-    from toast_core.backbone import load_backbone, tiny_fixture_backbone
+    from toast_core.core.backbone import load_backbone, tiny_fixture_backbone
 
     spec = (spec or "embedded").strip()
     if spec == FIXTURE or spec.startswith(FIXTURE + ":"):

@@ -98,8 +98,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from toast_core.backbone import BackboneError
     from toast_core.bundles import bundle_members, export_bundle
+    from toast_core.core.backbone import BackboneError
     from toast_core.runs.registry import find_run
 
     run_dir = find_run(args.run, registry_roots(args.runs_dir))

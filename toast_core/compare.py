@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.data.base import to_model_input
 from toast_core.data.images import load_image, resize_for_model
 from toast_core.methods import build_method

@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import torch
 
-from toast_core.backbone import EMBEDDED_CARD, Backbone, load_backbone
+from toast_core.core.backbone import EMBEDDED_CARD, Backbone, load_backbone
+from toast_core.core.forward import Capture, steered_forward
 from toast_core.data.base import to_model_input
 from toast_core.data.scenes import TASKS, make_task_split, source_batch
-from toast_core.forward import Capture, steered_forward
 from toast_core.pretrain import mean_average_precision
 from toast_core.views import focus_summary
 from toast_core.viz import compose_grid, draw_outline, normalise_maps, overlay

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from toast_core.core.device import pick_device
 from toast_core.data.base import LabeledImages, to_model_input
-from toast_core.device import pick_device
 from toast_core.methods.base import SteeringMethod
 from toast_core.views import AttentionView, cls_view, compute_view
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.data.base import LabeledImages
 from toast_core.data.episodes import Episode, episodes, sample_episode
 from toast_core.methods import build_method

@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in write_examples():
             print(path)
         return 0
-    from toast_core.backbone import BackboneError
+    from toast_core.core.backbone import BackboneError
 
     if args.threads:
         import torch

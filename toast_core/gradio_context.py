@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from toast_core.backbone import Backbone
+    from toast_core.core.backbone import Backbone
     from toast_core.methods.base import SteeringMethod
     from toast_core.runs import RunManager
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from toast_core.backbone import CHECKPOINT_DIR, build_vit
+from toast_core.core.backbone import CHECKPOINT_DIR, build_vit
 from toast_core.data.base import to_model_input
 from toast_core.data.scenes import DATA_VERSION, SOURCE_CLASSES, source_batch, source_batch_dense
 

@@ -19,7 +19,7 @@ Environment:
 
 from __future__ import annotations
 
-from toast_core.backbone import BackboneError
+from toast_core.core.backbone import BackboneError
 
 from .backbones import WEIGHT_SUFFIXES, active_runs, save_weights_upload, try_backbone
 from .benchmark import FAITH_STEPS, FOCUS_IMAGES, benchmark_rows, run_faithfulness, run_focus, zoo_table

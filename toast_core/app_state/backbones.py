@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from toast_core.backbone import Backbone, BackboneError
+from toast_core.core.backbone import Backbone, BackboneError
 from toast_core.runs import RunStatus
 
 from .session import BACKBONE_FILES_DIR, MAX_WEIGHTS_MB, BackboneSpec, run_manager, runs_root, shared_backbone

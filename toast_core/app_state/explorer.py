@@ -22,8 +22,8 @@ import torch
 from streamlit.logger import get_logger
 
 from toast_core import compare
-from toast_core.backbone import Backbone
 from toast_core.checkpoints import CheckpointError
+from toast_core.core.backbone import Backbone
 from toast_core.data.images import ImageInputError, load_image
 from toast_core.methods.base import SteeringMethod
 from toast_core.runs import RunError

@@ -15,7 +15,7 @@ import streamlit as st
 import torch
 
 from toast_core import compare
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.methods.base import SteeringMethod
 from toast_core.views import DeletionCurves, deletion_curves
 

@@ -9,7 +9,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
 

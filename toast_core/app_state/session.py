@@ -14,7 +14,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from toast_core.backbone import (
+from toast_core.checkpoints import CheckpointError, read_card
+from toast_core.core.backbone import (
     EMBEDDED_NAME,
     REPO_ROOT,
     Backbone,
@@ -22,7 +23,6 @@ from toast_core.backbone import (
     load_backbone,
     tiny_fixture_backbone,
 )
-from toast_core.checkpoints import CheckpointError, read_card
 from toast_core.methods.base import SteeringMethod
 from toast_core.runs import RunManager, RunStatus
 
@@ -223,7 +223,7 @@ SHIPPED_PREFIX = "shipped:"
 
 def shipped_modules(backbone: Backbone) -> dict[str, str]:
     """Steering modules shipped in checkpoints/ for this backbone (e.g. the pre-tuned TOAST): key -> label."""
-    from toast_core.backbone import CHECKPOINT_DIR
+    from toast_core.core.backbone import CHECKPOINT_DIR
 
     out: dict[str, str] = {}
     for card_path in sorted(CHECKPOINT_DIR.glob("*.json")):
@@ -238,8 +238,8 @@ def shipped_modules(backbone: Backbone) -> dict[str, str]:
 
 @st.cache_resource(show_spinner="Loading a shipped module…", max_entries=8)
 def _cached_shipped(key: tuple[str, str, str], stem: str) -> SteeringMethod:
-    from toast_core.backbone import CHECKPOINT_DIR
     from toast_core.checkpoints import load_module
+    from toast_core.core.backbone import CHECKPOINT_DIR
 
     method = load_module(CHECKPOINT_DIR / stem, _cached_backbone(key))
     method.label = f"{method.name} (shipped: {stem})"  # type: ignore[attr-defined]

@@ -15,8 +15,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from toast_core.backbone import Backbone, TokenLayout
-from toast_core.forward import NOTHING, Capture, Steer, SteeredOutput, pool, steered_forward
+from toast_core.core.backbone import Backbone, TokenLayout
+from toast_core.core.forward import NOTHING, Capture, Steer, SteeredOutput, pool, steered_forward
 
 
 @dataclass

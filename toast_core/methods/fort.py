@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from toast_core.core.forward import NOTHING, Capture, resolve_layers
 from toast_core.data.base import LabeledImages
-from toast_core.forward import NOTHING, Capture, resolve_layers
 from toast_core.methods.base import MethodConfig, MethodOutput, SteeringMethod
 from toast_core.methods.bitfit import BitFit, BitFitConfig
 from toast_core.methods.full import FullConfig, FullFineTune

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from toast_core.backbone import Backbone
-from toast_core.forward import (
+from toast_core.core.backbone import Backbone
+from toast_core.core.forward import (
     NOTHING,
     Capture,
     Steer,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.methods import build_method
 from toast_core.methods.fort import FortMixin
 from toast_core.runs.config import RunConfig

@@ -14,7 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.checkpoints import load_module
 from toast_core.methods.base import SteeringMethod
 from toast_core.runs.config import RunConfig, parse_task

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from toast_core.backbone import CHECKPOINT_DIR, Backbone
 from toast_core.checkpoints import load_module, read_card, rewrite_card, save_module
+from toast_core.core.backbone import CHECKPOINT_DIR, Backbone
 from toast_core.data.base import LabeledImages
 from toast_core.methods.base import SteeringMethod
 from toast_core.recipes import DATA_SEED, RECIPES, TEST_PER_CLASS, TRAIN_PER_CLASS, VAL_PER_CLASS, Recipe
@@ -160,7 +160,7 @@ def build(
 ) -> list[Path]:
     """Train (or keep, when its card already records this recipe, seed and backbone) every entry;
     returns the card paths written or kept."""
-    from toast_core.backbone import load_backbone
+    from toast_core.core.backbone import load_backbone
 
     if smoke and Path(root).resolve() == ZOO_DIR.resolve():
         raise ValueError("A smoke build never writes the shipped zoo; give it another root.")

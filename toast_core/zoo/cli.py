@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from toast_core.backbone import load_backbone, tiny_fixture_backbone
+    from toast_core.core.backbone import load_backbone, tiny_fixture_backbone
     from toast_core.recipes import RECIPES
 
     backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.zoo.build import ZOO_DIR
 from toast_core.zoo.catalog import ZooEntry, zoo_entries
 
@@ -91,7 +91,7 @@ def write_results_section(rows: list[dict[str, Any]], verify_line: str, path: Pa
     import re
     import time
 
-    from toast_core.backbone import CHECKPOINT_DIR
+    from toast_core.core.backbone import CHECKPOINT_DIR
 
     path = path or CHECKPOINT_DIR.parent / "benchmarks" / "RESULTS.md"
     parts = [RESULTS_HEADING, ""]

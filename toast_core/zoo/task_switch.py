@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.zoo.build import ZOO_DIR
 from toast_core.zoo.catalog import load_entry, zoo_entries
 

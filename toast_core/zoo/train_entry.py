@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.data.base import LabeledImages
 from toast_core.data.episodes import Episode, sample_episode
 from toast_core.methods import build_method

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.zoo.build import ZOO_DIR
 from toast_core.zoo.catalog import load_entry, zoo_entries
 from toast_core.zoo.evaluate import score_split
@@ -19,7 +19,7 @@ def verify(
 ) -> dict[str, Any]:
     """Re-measure every entry; returns the RESULT fields (modules, tasks, best/linear accuracies per
     task, max_card_drift = largest |measured - card| test accuracy) and the per-entry rows."""
-    from toast_core.backbone import load_backbone
+    from toast_core.core.backbone import load_backbone
 
     backbone = backbone or load_backbone("embedded")
     entries = zoo_entries(backbone, root)

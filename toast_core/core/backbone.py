@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from timm.models.vision_transformer import VisionTransformer
 
-from toast_core.device import pick_device
+from toast_core.core.device import pick_device
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 EMBEDDED_NAME = "embedded"
 EMBEDDED_WEIGHTS = CHECKPOINT_DIR / "embedded_vit.safetensors"
