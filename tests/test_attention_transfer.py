@@ -159,7 +159,7 @@ def test_distill_gradient_pulls_student_maps_to_the_teachers(sharp: Backbone, x:
 def test_checkpoint_round_trip_and_views(fixture_backbone: Backbone, x: torch.Tensor, tmp_path, name: str) -> None:
     """The new methods save/load through the card format and every view they list works."""
     from toast_core import views as A
-    from toast_core.checkpoints import load_module, save_module
+    from toast_core.storage.checkpoints import load_module, save_module
 
     method = build_method(name, fixture_backbone, 3, {"seed": 5}).eval()
     loaded = load_module(save_module(method, tmp_path / name, task="t"), fixture_backbone).eval()

@@ -16,8 +16,8 @@ from hostile_inputs import decodable_images, hostile_zips, refused_images, write
 from PIL import Image
 
 from toast_core import cli
-from toast_core.bundles import BundleError, import_bundle
 from toast_core.core.backbone import tiny_fixture_backbone
+from toast_core.storage.bundles import BundleError, import_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = ["--backbone", "fixture", "--threads", "1"]

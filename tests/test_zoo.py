@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from toast_core.checkpoints import load_module, save_module
 from toast_core.core.backbone import tiny_fixture_backbone
 from toast_core.core.stats import bootstrap_interval, ratio_of_means, wilson_interval
 from toast_core.methods import build_method, method_names
 from toast_core.recipes import RECIPES, TEST_PER_CLASS, default_for, recipe
+from toast_core.storage.checkpoints import load_module, save_module
 from toast_core.views.objects import focus_report
 from toast_core.zoo.build import ZOO_DIR, build, round_to_storage
 from toast_core.zoo.catalog import find_entry, first_view, load_entry, zoo_entries
@@ -113,7 +113,7 @@ def test_a_card_with_older_scores_is_rescored_without_retraining(smoke_zoo, back
 
 
 def test_a_rewritten_card_must_keep_its_weights_hash(smoke_zoo, tmp_path):
-    from toast_core.checkpoints import CheckpointError, rewrite_card
+    from toast_core.storage.checkpoints import CheckpointError, rewrite_card
 
     root, _ = smoke_zoo
     card = json.loads((root / "stars" / "lora.json").read_text())
@@ -151,7 +151,7 @@ def test_smoke_build_never_writes_the_shipped_zoo(backbone):
 
 def test_large_modules_are_scored_as_stored(backbone, tmp_path, monkeypatch):
     """The zoo scores a large module after its storage round trip: what it scored is what loads."""
-    import toast_core.storage_codec as codec
+    import toast_core.storage.storage_codec as codec
     import toast_core.zoo.build as zb
 
     small = build_method("lora", backbone, 3)

@@ -217,12 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user: one line, no traceback."""
-    from toast_core.bundles import BundleError
-    from toast_core.checkpoints import CheckpointError
     from toast_core.core.backbone import BackboneError
     from toast_core.data.images import ImageInputError
     from toast_core.data.zip_import import ZipImportError
     from toast_core.runs import RunError
+    from toast_core.storage.bundles import BundleError
+    from toast_core.storage.checkpoints import CheckpointError
     from toast_core.views import ViewUnavailable
 
     return (BackboneError, BundleError, CheckpointError, ImageInputError, ZipImportError, RunError,

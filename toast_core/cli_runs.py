@@ -98,9 +98,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from toast_core.bundles import bundle_members, export_bundle
     from toast_core.core.backbone import BackboneError
     from toast_core.runs.registry import find_run
+    from toast_core.storage.bundles import bundle_members, export_bundle
 
     run_dir = find_run(args.run, registry_roots(args.runs_dir))
     backbone = None
@@ -117,7 +117,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from toast_core.bundles import import_bundle
+    from toast_core.storage.bundles import import_bundle
 
     backbone = backbone_from_spec(args.backbone, args.weights, "cpu")
     root = Path(args.runs_dir) if args.runs_dir else default_runs_dir()

@@ -421,8 +421,8 @@ __all__ = [
 
 # --- finding modules -----------------------------------------------------------------------------
 def _run_module(run_dir: Path, backbone: Backbone) -> SteeringMethod:
-    from toast_core.checkpoints import load_module
     from toast_core.runs.registry import read_run
+    from toast_core.storage.checkpoints import load_module
 
     status = read_run(run_dir)
     if status.state != "done" or not status.checkpoint:
@@ -437,9 +437,9 @@ def load_module_ref(ref: str, backbone: Backbone, roots: Sequence[str | Path] = 
     """A module by reference: "base" (the plain backbone), "zoo:<task>/<entry>" (a shipped zoo module),
     a run id in one of the registry `roots`, a run folder, or a module file (stem, .json card or .safetensors). Loading always goes through
     `checkpoints.load_module` (safetensors, backbone hash checked)."""
-    from toast_core.checkpoints import load_module, paths_for
     from toast_core.runs import RunError
     from toast_core.runs.registry import find_run
+    from toast_core.storage.checkpoints import load_module, paths_for
 
     if ref == BASE_KEY:
         return base_module(backbone)
@@ -466,8 +466,8 @@ def module_choices(backbone: Backbone, roots: Sequence[str | Path] = (), module_
     """(label, reference) of every module that fits `backbone`: the base, the shipped lecture zoo,
     done runs in the registries (first registry wins on a shared id), and loose module files (cards)
     in `module_dirs`."""
-    from toast_core.checkpoints import CheckpointError, read_card
     from toast_core.runs.registry import list_runs
+    from toast_core.storage.checkpoints import CheckpointError, read_card
     from toast_core.zoo.catalog import zoo_entries
 
     out: list[tuple[str, str]] = [("base backbone", BASE_KEY)]

@@ -103,9 +103,9 @@ def _user_error(exc: Exception, action: str = "request") -> Exception:
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
-    from toast_core.checkpoints import CheckpointError
     from toast_core.data.images import ImageInputError
     from toast_core.runs import RunError
+    from toast_core.storage.checkpoints import CheckpointError
     from toast_core.views import ViewUnavailable
 
     return (ValueError, KeyError, CheckpointError, ImageInputError, RunError, ViewUnavailable)

@@ -63,9 +63,9 @@ class DemoContext:
 
     def _stamp(self, ref: str) -> float:
         """Changes when the module on disk changes (a re-trained or re-imported run), so the cache reloads."""
-        from toast_core.checkpoints import paths_for
         from toast_core.runs import RunError
         from toast_core.runs.registry import find_run
+        from toast_core.storage.checkpoints import paths_for
 
         try:
             card = find_run(ref, self.roots) / "module.json"

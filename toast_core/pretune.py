@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from toast_core.checkpoints import save_module
 from toast_core.core.backbone import CHECKPOINT_DIR, load_backbone
 from toast_core.data.scenes import DATA_VERSION, SOURCE_CLASSES, source_batch, source_stream
 from toast_core.methods import build_method
 from toast_core.pretrain import mean_average_precision
+from toast_core.storage.checkpoints import save_module
 from toast_core.train import TrainConfig, predict, train
 
 PRETUNED_STEM = CHECKPOINT_DIR / "toast_pretuned"

@@ -8,10 +8,10 @@ import numpy as np
 import streamlit as st
 import torch
 
-from toast_core.checkpoints import CheckpointError
 from toast_core.core.backbone import Backbone
 from toast_core.methods.base import SteeringMethod
 from toast_core.runs import RunError, RunManager
+from toast_core.storage.checkpoints import CheckpointError
 from toast_core.views import ViewUnavailable, compute_view, faithfulness_summary, focus_summary
 
 from .explorer import ImageChoice, model_input, scene_image

@@ -22,11 +22,11 @@ import torch
 from streamlit.logger import get_logger
 
 from toast_core import compare
-from toast_core.checkpoints import CheckpointError
 from toast_core.core.backbone import Backbone
 from toast_core.data.images import ImageInputError, load_image
 from toast_core.methods.base import SteeringMethod
 from toast_core.runs import RunError
+from toast_core.storage.checkpoints import CheckpointError
 from toast_core.views import AttentionView, ViewUnavailable, cls_maps, compute_view, difference_view
 
 from .session import BASE_KEY, MAX_IMAGE_MB, active_spec, module_for, module_stamp

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import streamlit as st
 
-from toast_core.checkpoints import CheckpointError, read_card
 from toast_core.core.backbone import (
     EMBEDDED_NAME,
     REPO_ROOT,
@@ -25,6 +24,7 @@ from toast_core.core.backbone import (
 )
 from toast_core.methods.base import SteeringMethod
 from toast_core.runs import RunManager, RunStatus
+from toast_core.storage.checkpoints import CheckpointError, read_card
 
 BACKBONE_ENV = "TOAST_LAB_BACKBONE"
 RUNS_DIR_ENV = "TOAST_LAB_RUNS_DIR"
@@ -238,8 +238,8 @@ def shipped_modules(backbone: Backbone) -> dict[str, str]:
 
 @st.cache_resource(show_spinner="Loading a shipped module…", max_entries=8)
 def _cached_shipped(key: tuple[str, str, str], stem: str) -> SteeringMethod:
-    from toast_core.checkpoints import load_module
     from toast_core.core.backbone import CHECKPOINT_DIR
+    from toast_core.storage.checkpoints import load_module
 
     method = load_module(CHECKPOINT_DIR / stem, _cached_backbone(key))
     method.label = f"{method.name} (shipped: {stem})"  # type: ignore[attr-defined]

@@ -11,9 +11,9 @@ import numpy as np
 import streamlit as st
 import torch
 
-from toast_core.checkpoints import CheckpointError, read_card
 from toast_core.methods import method_class, method_names
 from toast_core.runs import MODULE_STEM, RunConfig, RunError, RunManager, RunStatus
+from toast_core.storage.checkpoints import CheckpointError, read_card
 
 from .session import _cached_run_module, active_spec, runs_root, shared_backbone
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from toast_core.core.backbone import Backbone
-from toast_core.checkpoints import CheckpointError, load_module, paths_for, save_module
+from toast_core.storage.checkpoints import CheckpointError, load_module, paths_for, save_module
 from toast_core.data.base import LabeledImages
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod

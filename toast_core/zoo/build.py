@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from toast_core.checkpoints import load_module, read_card, rewrite_card, save_module
 from toast_core.core.backbone import CHECKPOINT_DIR, Backbone
 from toast_core.data.base import LabeledImages
 from toast_core.methods.base import SteeringMethod
 from toast_core.recipes import DATA_SEED, RECIPES, TEST_PER_CLASS, TRAIN_PER_CLASS, VAL_PER_CLASS, Recipe
-from toast_core.storage_codec import roundtrip
+from toast_core.storage.checkpoints import load_module, read_card, rewrite_card, save_module
+from toast_core.storage.storage_codec import roundtrip
 from toast_core.zoo.evaluate import score_faithfulness, score_split
 from toast_core.zoo.train_entry import build_entry_method, task_splits, train_entry, train_episode_entry
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toast_core.checkpoints import CheckpointError, load_module, read_card
 from toast_core.core.backbone import Backbone
 from toast_core.methods.base import SteeringMethod
+from toast_core.storage.checkpoints import CheckpointError, load_module, read_card
 from toast_core.zoo.build import ZOO_DIR, ZOO_FORMAT
 
 ZOO_PREFIX = "zoo:"

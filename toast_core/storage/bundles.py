@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from toast_core.checkpoints import CheckpointError, load_module, paths_for, read_card
 from toast_core.compare import comparison_figures
 from toast_core.core.backbone import Backbone
 from toast_core.data.zip_import import ZipImportError, _safe_parts
@@ -50,6 +49,7 @@ from toast_core.runs import FORMAT as RUN_FORMAT
 from toast_core.runs import FORMAT_VERSION as RUN_FORMAT_VERSION
 from toast_core.runs.record import _STATUS_FIELDS
 from toast_core.runs.registry import find_run, read_run
+from toast_core.storage.checkpoints import CheckpointError, load_module, paths_for, read_card
 
 BUNDLE_FORMAT = "toast-run-bundle"
 BUNDLE_VERSION = 1

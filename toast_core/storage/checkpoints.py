@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from toast_core.core.backbone import Backbone
 from toast_core.methods import REGISTRY, build_method, config_for, method_names
 from toast_core.methods.base import SteeringMethod
-from toast_core.storage_codec import CodecError, decode, encode
+from toast_core.storage.storage_codec import CodecError, decode, encode
 
 FORMAT = "toast-steering-module"
 FORMAT_VERSION = 1
