@@ -51,9 +51,9 @@ def evaluate_module(
     With `faithfulness_steps`, also the view's MoRF / LeRF / random deletion AUCs and their gap with
     bootstrap 95% intervals (`views.faithfulness_summary`)."""
 
-    from toast_core.compare import view_kwargs
     from toast_core.train import evaluate, view_over
     from toast_core.views import focus_summary
+    from toast_core.views.compare import view_kwargs
 
     metrics: dict[str, Any] = dict(evaluate(method, data, batch_size))
     kwargs = view_kwargs(view, layer, "mean")
@@ -77,7 +77,7 @@ def evaluate_module(
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from toast_core.compare import BASE_KEY, check_view_args, load_module_ref
+    from toast_core.views.compare import BASE_KEY, check_view_args, load_module_ref
 
     if args.target == BASE_KEY:
         raise UsageError("'base' has no head trained for a task; evaluate a run or a module file.")
@@ -109,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # --- compare -------------------------------------------------------------------------------------
 def cmd_compare(args: argparse.Namespace) -> int:
-    from toast_core.compare import (
+    from toast_core.views.compare import (
         check_view_args,
         compare_runs,
         comparison_image,

@@ -23,7 +23,7 @@ from toast_core.data.base import to_model_input
 from toast_core.data.scenes import TASKS, make_task_split, source_batch
 from toast_core.pretrain import mean_average_precision
 from toast_core.views import focus_summary
-from toast_core.viz import compose_grid, draw_outline, normalise_maps, overlay
+from toast_core.views.viz import compose_grid, draw_outline, normalise_maps, overlay
 
 FIGURE = Path(__file__).resolve().parent.parent / "assets" / "embedded_scenes.png"
 

@@ -80,7 +80,7 @@ def write_examples(folder: Path = EXAMPLES_DIR, size: int = EXAMPLE_SIZE) -> lis
     """Render the example scenes (built-in test scenes used by the lecture presets) as PNG files."""
     from PIL import Image
 
-    from toast_core.compare import scene_image
+    from toast_core.views.compare import scene_image
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -114,7 +114,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
 def first_view_refs(backbone: Any, task: str = "stars") -> list[str]:
     """What the demo compares on first open: the base backbone and six zoo modules of `task` (the
     built-in example scenes are of that task), or the base alone where no zoo fits the backbone."""
-    from toast_core.compare import BASE_KEY
+    from toast_core.views.compare import BASE_KEY
     from toast_core.zoo.catalog import first_view
 
     return [BASE_KEY, *(e.key for e in first_view(backbone, task)[:6])]
@@ -124,9 +124,9 @@ def build_demo(ctx: DemoContext, examples: Sequence[str] | None = None) -> gr.Bl
     """The Blocks app for one context (one backbone and registry)."""
     import gradio as gr
 
-    from toast_core.compare import BASE_KEY
     from toast_core.data.scenes import TASKS
     from toast_core.methods import method_names
+    from toast_core.views.compare import BASE_KEY
 
     layout = ctx.backbone.layout
     fixture = ctx.backbone.source == "fixture"

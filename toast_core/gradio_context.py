@@ -57,7 +57,7 @@ class DemoContext:
 
     # --- modules ------------------------------------------------------------------------------
     def choices(self) -> list[tuple[str, str]]:
-        from toast_core.compare import module_choices
+        from toast_core.views.compare import module_choices
 
         return module_choices(self.backbone, self.roots, self.module_dirs)
 
@@ -78,7 +78,7 @@ class DemoContext:
 
     def module(self, ref: str) -> SteeringMethod:
         """A loaded module by reference (see `compare.load_module_ref`), cached (LRU) across sessions."""
-        from toast_core.compare import BASE_KEY, load_module_ref
+        from toast_core.views.compare import BASE_KEY, load_module_ref
 
         key = (ref, 0.0 if ref == BASE_KEY else self._stamp(ref))
         with self._lock:
@@ -170,7 +170,8 @@ def run_comparison(
 ) -> tuple[list[tuple[np.ndarray, str]], list[list[Any]], Any, str]:
     """(gallery of overlays, table rows, composed figure, note) for one image and several modules.
     User mistakes raise ValueError (the UI shows them via gr.Error)."""
-    from toast_core.compare import (
+    from toast_core.data.images import load_image
+    from toast_core.views.compare import (
         ImageInput,
         check_view_args,
         compare_runs,
@@ -179,7 +180,6 @@ def run_comparison(
         overlay_tiles,
         prediction_row,
     )
-    from toast_core.data.images import load_image
 
     if not image_path:
         raise ValueError("Upload an image or pick an example first.")
@@ -217,8 +217,8 @@ def _faithfulness(
 ) -> dict[str, dict[str, float]]:
     """MoRF / LeRF deletion AUCs of each shown map (token deletion, FAITH_STEPS steps), by module ref;
     none for a base without a trained head (its prediction means nothing)."""
-    from toast_core.compare import model_input
     from toast_core.views import deletion_curves
+    from toast_core.views.compare import model_input
 
     x = model_input(ctx.backbone, rgb)
     return {

@@ -6,7 +6,7 @@ objects (the backbone, the RunManager, loaded steering modules) live in `st.cach
 never mutated; per-image results live in `st.cache_data`.
 
 - `session`: the backbone (and its warm-up at server start), the run registry, loaded modules;
-- `explorer`: images, every module's view of one image (through `toast_core.compare`), presets;
+- `explorer`: images, every module's view of one image (through `toast_core.views.compare`), presets;
 - `tuning`: method settings as widgets, submitting runs, what a run panel shows;
 - `datasets`: uploaded zips of class folders (Tuning Lab, Few-shot);
 - `benchmark`, `backbones`, `fewshot`: those pages' helpers.

@@ -1,6 +1,6 @@
 """The Attention Explorer's helpers: images, every module's view of one image, focus, export, presets.
 
-The comparison itself is `toast_core.compare` (the path the CLI and the Gradio demo take): its image
+The comparison itself is `toast_core.views.compare` (the path the CLI and the Gradio demo take): its image
 type, scene images, model input, overlays on one shared colour scale, focus rows, comparison PNG and
 CSV. What is the page's own: caching per (module, image, view), the TOAST pass 1 / pass 2 pair as one
 view, the page's captions and table columns.
@@ -21,13 +21,12 @@ import streamlit as st
 import torch
 from streamlit.logger import get_logger
 
-from toast_core import compare
 from toast_core.core.backbone import Backbone
 from toast_core.data.images import ImageInputError, load_image
 from toast_core.methods.base import SteeringMethod
 from toast_core.runs import RunError
 from toast_core.storage.checkpoints import CheckpointError
-from toast_core.views import AttentionView, ViewUnavailable, cls_maps, compute_view, difference_view
+from toast_core.views import AttentionView, ViewUnavailable, cls_maps, compare, compute_view, difference_view
 
 from .session import BASE_KEY, MAX_IMAGE_MB, active_spec, module_for, module_stamp
 

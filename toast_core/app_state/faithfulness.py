@@ -14,10 +14,9 @@ from collections.abc import Sequence
 import streamlit as st
 import torch
 
-from toast_core import compare
 from toast_core.core.backbone import Backbone
 from toast_core.methods.base import SteeringMethod
-from toast_core.views import DeletionCurves, deletion_curves
+from toast_core.views import DeletionCurves, compare, deletion_curves
 
 from .explorer import ImageChoice, ModuleView, model_input
 from .session import active_spec, module_for, module_stamp

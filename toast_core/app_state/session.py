@@ -213,7 +213,7 @@ def base_module(backbone: Backbone) -> SteeringMethod:
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _cached_base(key: tuple[str, str, str], weights_hash: str) -> SteeringMethod:
     """One shared base module per backbone (the library's `compare.base_module`, cached for the app)."""
-    from toast_core.compare import base_module
+    from toast_core.views.compare import base_module
 
     return base_module(_cached_backbone(key))
 

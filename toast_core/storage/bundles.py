@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from toast_core.compare import comparison_figures
 from toast_core.core.backbone import Backbone
 from toast_core.data.zip_import import ZipImportError, _safe_parts
 from toast_core.runs import (
@@ -50,6 +49,7 @@ from toast_core.runs import FORMAT_VERSION as RUN_FORMAT_VERSION
 from toast_core.runs.record import _STATUS_FIELDS
 from toast_core.runs.registry import find_run, read_run
 from toast_core.storage.checkpoints import CheckpointError, load_module, paths_for, read_card
+from toast_core.views.compare import comparison_figures
 
 BUNDLE_FORMAT = "toast-run-bundle"
 BUNDLE_VERSION = 1
@@ -119,7 +119,7 @@ def _snapshot_figure(run_dir: Path) -> bytes | None:
     path = run_dir / SNAPSHOT_FILE
     if not path.is_file():
         return None
-    from toast_core.viz import heatmap_image, normalise_maps
+    from toast_core.views.viz import heatmap_image, normalise_maps
 
     grid = np.load(path, allow_pickle=False)
     if grid.ndim != 2 or grid.size == 0:

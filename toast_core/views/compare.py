@@ -29,7 +29,7 @@ from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
 from toast_core.views import VIEWS as VIEW_FUNCTIONS
 from toast_core.views import AttentionView, ViewUnavailable, compute_view, focus_metrics, method_label
-from toast_core.viz import compose_grid, draw_outline, overlays, view_to_csv
+from toast_core.views.viz import compose_grid, draw_outline, overlays, view_to_csv
 
 BASE_KEY = "base"
 SCENE_PREFIX = "scene:"
