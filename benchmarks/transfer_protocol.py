@@ -25,7 +25,7 @@ Resize(256) + CenterCrop(224) test transform; here images are resized to the bac
 The table has the seeds' / TOAST README's columns (CUB, NABirds, OxfordFlower, Stanford-dogs,
 Stanford-cars, Average Acc) and names the backbone in every row, published rows included.
 Under torchrun every rank runs this script; training and test evaluation are split over the
-ranks (toast_core.distributed) and only rank 0 writes the table. Last line:
+ranks (toast_core.training.distributed) and only rank 0 writes the table. Last line:
 RESULT datasets=<n> methods=<m> mean_test_acc=<...>
 """
 
@@ -43,13 +43,13 @@ from typing import Any
 
 import torch
 
-from toast_core import distributed
 from toast_core.core.backbone import Backbone
 from toast_core.core.stats import wilson_interval
 from toast_core.data.files import FileSet
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
-from toast_core.train import TrainConfig, train
+from toast_core.training import distributed
+from toast_core.training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
 

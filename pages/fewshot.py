@@ -9,8 +9,8 @@ from toast_core import app_state as S
 from toast_core.data.folder import ImageFolderError
 from toast_core.data.scenes import TASKS
 from toast_core.data.zip_import import ZipImportError
-from toast_core.fewshot import EpisodeCache, FewShotConfig, MethodSpec, TunedEpisode, tune_episode
 from toast_core.methods.fort import HEAD_AGGS, PROMPT_WEIGHTS, default_prompt_patches
+from toast_core.training.fewshot import EpisodeCache, FewShotConfig, MethodSpec, TunedEpisode, tune_episode
 from toast_core.views import compare
 from toast_core.views.viz import overlay, overlays
 

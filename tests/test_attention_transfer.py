@@ -22,7 +22,7 @@ from toast_core.methods.attention_transfer import (
     build_student,
     copy_weights_from_teacher,
 )
-from toast_core.train import TrainConfig, train
+from toast_core.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

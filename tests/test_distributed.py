@@ -1,4 +1,4 @@
-"""Distributed training (toast_core.distributed): the pieces alone, and N torchrun processes = 1."""
+"""Distributed training (toast_core.training.distributed): the pieces alone, and N torchrun processes = 1."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from toast_core import distributed
+from toast_core.training import distributed
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from toast_core.core.backbone import tiny_fixture_backbone
-from toast_core.eval_backbone import quality_figure
+from toast_core.training.eval_backbone import quality_figure
 from toast_core.views import focus_summary
 
 

@@ -17,14 +17,6 @@ from data_factory import squares, support_set
 from toast_core.core.backbone import Backbone, tiny_fixture_backbone
 from toast_core.core.forward import Capture, steered_forward
 from toast_core.data.base import LabeledImages
-from toast_core.fewshot import (
-    FewShotConfig,
-    MethodSpec,
-    evaluate_fewshot,
-    mean_ci95,
-    official_n_way,
-    paired_difference,
-)
 from toast_core.methods import build_method, config_for
 from toast_core.methods.fort import (
     FortLoRA,
@@ -34,7 +26,15 @@ from toast_core.methods.fort import (
     prompt_targets,
     ridge_head,
 )
-from toast_core.train import TrainConfig, prepare_batch, train
+from toast_core.training.fewshot import (
+    FewShotConfig,
+    MethodSpec,
+    evaluate_fewshot,
+    mean_ci95,
+    official_n_way,
+    paired_difference,
+)
+from toast_core.training.train import TrainConfig, prepare_batch, train
 from toast_core.views import focus_share
 
 

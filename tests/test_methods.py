@@ -25,7 +25,7 @@ from toast_core.methods.lora import LoRAConfig
 from toast_core.methods.visual_prompt import padding_count
 from toast_core.methods.vpt import prompt_init_bound
 from toast_core.storage.checkpoints import load_module, save_module
-from toast_core.train import TrainConfig, prepare_batch, train
+from toast_core.training.train import TrainConfig, prepare_batch, train
 
 BASIC = ("linear", "full", "bitfit", "lora", "vpt", "visual_prompt")
 D, DEPTH, CLASSES, HIDDEN = 32, 2, 3, 128

@@ -474,9 +474,9 @@ def test_training_lowers_loss_and_changes_only_trainables(lite: bool) -> None:
 
 
 def test_pretuning_through_the_project_training_loop() -> None:
-    """Stage 1 as toast_core.pretune runs it: task loss on pass 2 + the variational loss, P fixed."""
+    """Stage 1 as toast_core.training.pretune runs it: task loss on pass 2 + the variational loss, P fixed."""
     from toast_core.data.base import LabeledImages
-    from toast_core.train import TrainConfig, train
+    from toast_core.training.train import TrainConfig, train
 
     bb = tiny_fixture_backbone(depth=DEPTH)
     gen = torch.Generator().manual_seed(3)

@@ -14,7 +14,7 @@ from toast_core.core.forward import Capture
 from toast_core.data.base import LabeledImages
 from toast_core.methods import build_method
 from toast_core.methods.base import MethodOutput, SteeringMethod
-from toast_core.train import (
+from toast_core.training.train import (
     Callbacks,
     TrainConfig,
     _EpochSampler,

@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.method not in method_names():
         raise UsageError(f"unknown method '{args.method}'; methods: {', '.join(method_names())}.")
-    from toast_core.recipes import run_defaults
+    from toast_core.training.recipes import run_defaults
 
     defaults = run_defaults(args.task, args.method)
     for name in ("per_class", "val_per_class", "steps", "batch_size", "lr", "weight_decay", "warmup_steps"):
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(config, history, module) lands in the registry the app reads. Progress on stderr.")
     p.add_argument("--method", required=True, help="steering method (linear, full, bitfit, lora, vpt, ...)")
     p.add_argument("--task", required=True, help="'stars', 'glyphs', 'folder:<path>' or 'episode:<n>:<k>:<q>[:<i>]:<base>'")
-    # data and budget default to the lecture recipe on a built-in task (toast_core.recipes.run_defaults)
+    # data and budget default to the lecture recipe on a built-in task (toast_core.training.recipes.run_defaults)
     p.add_argument("--per-class", type=int, default=None, help="training images per class (default: the recipe's, else 50)")
     p.add_argument("--val-per-class", type=int, default=None, help="validation images per class (default: recipe 20, else 10; 0 = none)")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the recipe's, else 100)")
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_runs.add_parsers(sub)  # export, import, list, resume
 
-    from toast_core.zoo import cli as zoo_cli
+    from toast_core.training.zoo import cli as zoo_cli
 
     zoo_cli.add_parser(sub)
     sub.choices["zoo"].set_defaults(func=zoo_cli.run)

@@ -155,7 +155,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _zoo_rows() -> list[dict[str, Any]]:
     """The shipped lecture zoo as list rows (state "shipped"; the zoo is never written to)."""
-    from toast_core.zoo.catalog import zoo_entries
+    from toast_core.training.zoo.catalog import zoo_entries
 
     return [{"id": e.key, "method": e.method, "task": e.task, "state": "shipped",
              "steps": (e.zoo.get("recipe") or {}).get("steps"), "val_acc": (e.zoo.get("val") or {}).get("acc"),

@@ -51,7 +51,7 @@ def evaluate_module(
     With `faithfulness_steps`, also the view's MoRF / LeRF / random deletion AUCs and their gap with
     bootstrap 95% intervals (`views.faithfulness_summary`)."""
 
-    from toast_core.train import evaluate, view_over
+    from toast_core.training.train import evaluate, view_over
     from toast_core.views import focus_summary
     from toast_core.views.compare import view_kwargs
 

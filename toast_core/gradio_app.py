@@ -114,8 +114,8 @@ def _expected_errors() -> tuple[type[Exception], ...]:
 def first_view_refs(backbone: Any, task: str = "stars") -> list[str]:
     """What the demo compares on first open: the base backbone and six zoo modules of `task` (the
     built-in example scenes are of that task), or the base alone where no zoo fits the backbone."""
+    from toast_core.training.zoo.catalog import first_view
     from toast_core.views.compare import BASE_KEY
-    from toast_core.zoo.catalog import first_view
 
     return [BASE_KEY, *(e.key for e in first_view(backbone, task)[:6])]
 

@@ -116,6 +116,6 @@ def benchmark_rows(
 @st.cache_data(show_spinner=False, max_entries=8)
 def zoo_table(backbone_key: tuple[str, str, str]) -> list[dict[str, Any]]:
     """The lecture zoo's rows for this backbone, from the shipped cards (no model is run)."""
-    from toast_core.zoo.report import zoo_rows
+    from toast_core.training.zoo.report import zoo_rows
 
     return zoo_rows(_cached_backbone(backbone_key))

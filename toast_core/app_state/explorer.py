@@ -225,14 +225,14 @@ PRESETS: tuple[Preset, ...] = (
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def _lecture_presets(weights_hash: str) -> tuple[Preset, ...]:
-    from toast_core.zoo.presets import read_presets
+    from toast_core.training.zoo.presets import read_presets
 
     return tuple(Preset(p.key, p.title, p.task, p.split, p.index, p.view, p.note) for p in read_presets(weights_hash))
 
 
 def presets(backbone: Backbone) -> tuple[Preset, ...]:
     """The lecture presets for this backbone: chosen from the test split by the zoo's measured
-    criteria (`toast_core.zoo.presets`), or, without a zoo for it, the fixed example scenes."""
+    criteria (`toast_core.training.zoo.presets`), or, without a zoo for it, the fixed example scenes."""
     return _lecture_presets(backbone.weights_hash) or PRESETS
 
 

@@ -23,7 +23,7 @@ FORT_BASES: dict[str, float] = {"full": 1e-4, "lora": 1e-3, "bitfit": 1e-3}
 def fewshot_episode(source: str, n_way: int, k_shot: int, n_query: int, index: int, size: int) -> Any:
     """One N-way K-shot episode from a built-in task (test split, with masks) or an imported folder."""
     from toast_core.data.episodes import sample_episode
-    from toast_core.fewshot import task_pool
+    from toast_core.training.fewshot import task_pool
 
     if source.startswith("folder:"):
         from toast_core.data.folder import load_image_folder
@@ -44,7 +44,7 @@ def _reference(backbone: Backbone, n_way: int) -> SteeringMethod:
 def _importance(backbone_key: tuple[str, str, str], episode_key: str, lam: float, head_agg: str,
                 keep_top: float, _episode: Any) -> np.ndarray:
     from toast_core.methods.fort import position_importance
-    from toast_core.train import prepare_batch
+    from toast_core.training.train import prepare_batch
 
     backbone = _cached_backbone(backbone_key)
     ref = _reference(backbone, len(_episode.support.class_names))

@@ -248,28 +248,28 @@ def _cached_shipped(key: tuple[str, str, str], stem: str) -> SteeringMethod:
 
 def zoo_modules(backbone: Backbone, task: str | None = None) -> dict[str, str]:
     """The lecture zoo's shipped modules for this backbone (all tasks, or one): key -> label."""
-    from toast_core.zoo.catalog import zoo_entries
+    from toast_core.training.zoo.catalog import zoo_entries
 
     return {e.key: e.label for e in zoo_entries(backbone, task=task)}
 
 
 def expected_train_s(task: str, method: str, steps: int, batch_size: int) -> float | None:
     """Expected training seconds of a recipe run (from the zoo build's measurement), or None."""
-    from toast_core.zoo.catalog import expected_train_s as measured
+    from toast_core.training.zoo.catalog import expected_train_s as measured
 
     return measured(task, method, steps, batch_size)
 
 
 def zoo_first_view(backbone: Backbone, task: str) -> list[str]:
     """Keys of the zoo modules a first view of `task` compares (>= 6 when the zoo is shipped)."""
-    from toast_core.zoo.catalog import first_view
+    from toast_core.training.zoo.catalog import first_view
 
     return [e.key for e in first_view(backbone, task)]
 
 
 @st.cache_resource(show_spinner="Loading a zoo module…", max_entries=64)
 def _cached_zoo(key: tuple[str, str, str], zoo_key: str) -> SteeringMethod:
-    from toast_core.zoo.catalog import find_entry, load_entry
+    from toast_core.training.zoo.catalog import find_entry, load_entry
 
     backbone = _cached_backbone(key)
     return load_entry(find_entry(zoo_key, backbone), backbone)
@@ -277,7 +277,7 @@ def _cached_zoo(key: tuple[str, str, str], zoo_key: str) -> SteeringMethod:
 
 def module_for(key: str, backbone: Backbone) -> SteeringMethod:
     """A module by page key: the base backbone, a shipped checkpoint, a zoo module, or a done run."""
-    from toast_core.zoo.catalog import ZOO_PREFIX
+    from toast_core.training.zoo.catalog import ZOO_PREFIX
 
     if key == BASE_KEY:
         return base_module(backbone)
@@ -290,7 +290,7 @@ def module_for(key: str, backbone: Backbone) -> SteeringMethod:
 
 def module_stamp(key: str) -> float:
     """Changes when the module behind a key changes (a re-trained run), so cached maps refresh."""
-    from toast_core.zoo.catalog import ZOO_PREFIX
+    from toast_core.training.zoo.catalog import ZOO_PREFIX
 
     if key == BASE_KEY or key.startswith((SHIPPED_PREFIX, ZOO_PREFIX)):
         return 0.0

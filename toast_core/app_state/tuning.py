@@ -138,7 +138,7 @@ def probe_image(config: dict[str, Any], size: int) -> np.ndarray | None:
 @st.cache_data(show_spinner="Computing the final module's attention…", max_entries=32)
 def _final_attention(backbone_key: tuple[str, str, str], run_id: str, stamp: float, config_json: str,
                      size: int) -> np.ndarray | None:
-    from toast_core.train import cls_attention_grid
+    from toast_core.training.train import cls_attention_grid
 
     probe = probe_image(json.loads(config_json), size)
     if probe is None:

@@ -204,7 +204,7 @@ def load_embedded(
         raise BackboneError(
             f"The embedded backbone is missing ({weights_path.name} / {card_path.name} not found in "
             f"{weights_path.parent}). Re-clone the repository or train it with "
-            "`python -m toast_core.pretrain`."
+            "`python -m toast_core.training.pretrain`."
         )
     card = json.loads(card_path.read_text())
     # no timm init: the strict load below overwrites every tensor (that init is most of the build time)

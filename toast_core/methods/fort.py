@@ -284,7 +284,7 @@ class FortMixin:
 
         Returns the prompts as a (S, gh, gw) grid. Call before `train(method, support, ...)`.
         """
-        from toast_core.train import prepare_batch  # train imports the method base; import late
+        from toast_core.training.train import prepare_batch  # train imports the method base; import late
 
         if isinstance(support, LabeledImages):
             images, labels = support.images, support.labels

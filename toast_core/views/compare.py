@@ -443,7 +443,7 @@ def load_module_ref(ref: str, backbone: Backbone, roots: Sequence[str | Path] = 
 
     if ref == BASE_KEY:
         return base_module(backbone)
-    from toast_core.zoo.catalog import ZOO_PREFIX, find_entry, load_entry
+    from toast_core.training.zoo.catalog import ZOO_PREFIX, find_entry, load_entry
 
     if ref.startswith(ZOO_PREFIX):
         return load_entry(find_entry(ref, backbone), backbone)
@@ -468,7 +468,7 @@ def module_choices(backbone: Backbone, roots: Sequence[str | Path] = (), module_
     in `module_dirs`."""
     from toast_core.runs.registry import list_runs
     from toast_core.storage.checkpoints import CheckpointError, read_card
-    from toast_core.zoo.catalog import zoo_entries
+    from toast_core.training.zoo.catalog import zoo_entries
 
     out: list[tuple[str, str]] = [("base backbone", BASE_KEY)]
     out += [(f"{e.label} [{e.method}, shipped]", e.key) for e in zoo_entries(backbone)]

@@ -1,6 +1,6 @@
 """Pretrain the embedded default backbone on generated source scenes (multi-label).
 
-`python -m toast_core.pretrain` (defaults = the shipped recipe: 12400 steps of 32, 48 px then 96 px) trains a
+`python -m toast_core.training.pretrain` (defaults = the shipped recipe: 12400 steps of 32, 48 px then 96 px) trains a
 standard timm VisionTransformer sized for a 2-core CPU, saves safetensors + a JSON card, and can
 resume from its own periodic state file if interrupted. Same seed, same weights on the same machine.
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
         },
         "quality": {"source_val_map_at_training_end": round(val_map, 4), "val_images": args.val_images},
-        "command": "python -m toast_core.pretrain " + " ".join(argv or []),
+        "command": "python -m toast_core.training.pretrain " + " ".join(argv or []),
     }
     (args.out / "embedded_vit.json").write_text(json.dumps(card, indent=2))
     print("saved", args.out / "embedded_vit.safetensors", flush=True)

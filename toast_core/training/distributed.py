@@ -111,7 +111,7 @@ def ensure_joined(device: torch.device) -> World | None:
     if device.type == "cuda" and (device.index or 0) != local_rank:
         raise ValueError(
             f"Under torchrun, rank with LOCAL_RANK={local_rank} trains on {device}; load the backbone on "
-            f"cuda:{local_rank} (toast_core.distributed.device_for) so every rank has its own GPU."
+            f"cuda:{local_rank} (toast_core.training.distributed.device_for) so every rank has its own GPU."
         )
     return init_from_env("cuda" if device.type == "cuda" else "cpu")
 
@@ -241,7 +241,7 @@ def evaluate(
 ) -> dict[str, float]:
     """`evaluation.evaluate` over this rank's shard (a FileSet is streamed in chunks), summed over
     ranks: {"acc", "loss", "n"}; {} when any rank was cancelled. `world` None: one process, all of it."""
-    from toast_core.evaluation import evaluate as evaluate_local  # above this module's layer
+    from toast_core.training.evaluation import evaluate as evaluate_local  # above this module's layer
 
     part = rank_slice(len(data), world) if world is not None else slice(0, len(data))
     shard = data.subset(list(range(part.start, part.stop)))

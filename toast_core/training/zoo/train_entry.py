@@ -1,6 +1,6 @@
 """Train one zoo entry from its recipe: the task's splits, the module, and the run itself.
 
-Three kinds of entry (see `toast_core.recipes.Recipe.kind`): a method on the task's train split; a
+Three kinds of entry (see `toast_core.training.recipes.Recipe.kind`): a method on the task's train split; a
 method tuned on one few-shot episode drawn from the train split (FORT and its plain baselines, via
 `fewshot.tune_episode`, so the few-shot page and the zoo share one recipe path); and an
 attention-transfer student (the frozen backbone is its teacher).
@@ -20,8 +20,8 @@ from toast_core.data.episodes import Episode, sample_episode
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
 from toast_core.methods.fort import support_features
-from toast_core.recipes import DATA_SEED, TEST_PER_CLASS, TRAIN_PER_CLASS, VAL_PER_CLASS, Recipe
-from toast_core.train import TrainResult, prepare_batch, train
+from toast_core.training.recipes import DATA_SEED, TEST_PER_CLASS, TRAIN_PER_CLASS, VAL_PER_CLASS, Recipe
+from toast_core.training.train import TrainResult, prepare_batch, train
 
 SMOKE_SIZES = {"train": 6, "val": 3, "test": 4}  # images per class of the smoke data
 
@@ -112,7 +112,7 @@ def train_episode_entry(
     backbone: Backbone, recipe: Recipe, train_set: LabeledImages, test_set: LabeledImages, seed: int
 ) -> EpisodeEntry:
     """Tune the recipe's method on the task's zoo episode with the few-shot page's own path."""
-    from toast_core.fewshot import FewShotConfig, MethodSpec, tune_episode
+    from toast_core.training.fewshot import FewShotConfig, MethodSpec, tune_episode
 
     episode = episode_for(train_set, recipe)
     n_way, k_shot = recipe.episode

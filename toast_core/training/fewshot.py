@@ -48,7 +48,7 @@ from toast_core.methods.fort import (
     ridge_head,
     support_features,
 )
-from toast_core.train import TrainConfig, prepare_batch, train, view_over
+from toast_core.training.train import TrainConfig, prepare_batch, train, view_over
 from toast_core.views import AttentionView, focus_share, focus_summary
 
 HEAD_INITS = ("ridge", "random")

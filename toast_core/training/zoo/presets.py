@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from toast_core.core.backbone import Backbone
-from toast_core.zoo.build import ZOO_DIR
-from toast_core.zoo.catalog import load_entry, zoo_entries
+from toast_core.training.zoo.build import ZOO_DIR
+from toast_core.training.zoo.catalog import load_entry, zoo_entries
 
 CANDIDATES = 64
 PRESETS_FILE = "presets.json"
@@ -39,7 +39,7 @@ class LecturePreset:
 
 def _scores(backbone: Backbone, task: str, root: Path) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
     from toast_core.data.scenes import TASKS, make_task_split
-    from toast_core.train import view_over
+    from toast_core.training.train import view_over
     from toast_core.views.objects import object_masses
 
     per_class = -(-CANDIDATES // len(TASKS[task].classes))

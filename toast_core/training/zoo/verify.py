@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from toast_core.core.backbone import Backbone
-from toast_core.zoo.build import ZOO_DIR
-from toast_core.zoo.catalog import load_entry, zoo_entries
-from toast_core.zoo.evaluate import score_split
-from toast_core.zoo.train_entry import episode_test, task_splits
+from toast_core.training.zoo.build import ZOO_DIR
+from toast_core.training.zoo.catalog import load_entry, zoo_entries
+from toast_core.training.zoo.evaluate import score_split
+from toast_core.training.zoo.train_entry import episode_test, task_splits
 
 
 def verify(

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from toast_core.core.backbone import Backbone
-from toast_core.zoo.build import ZOO_DIR
-from toast_core.zoo.catalog import ZooEntry, zoo_entries
+from toast_core.training.zoo.build import ZOO_DIR
+from toast_core.training.zoo.catalog import ZooEntry, zoo_entries
 
 
 def _get(d: dict[str, Any], key: str) -> float:

@@ -1,6 +1,6 @@
 """TOAST stage 1 (pre-tuning) on the source scenes, with the backbone frozen and P = identity.
 
-`python -m toast_core.pretune` (400 steps of 32 by default) trains the decoders and ξ with the source task loss on
+`python -m toast_core.training.pretune` (400 steps of 32 by default) trains the decoders and ξ with the source task loss on
 pass 2 plus the variational loss (λ = 0.1: each W1_l learns to invert block l), then writes
 `checkpoints/toast_pretuned.{safetensors,json}`. TOAST tuning (stage 2) starts from this module by
 default. The official vision pre-tuning code and recipe were never released; this is ours.
@@ -17,9 +17,9 @@ import torch
 from toast_core.core.backbone import CHECKPOINT_DIR, load_backbone
 from toast_core.data.scenes import DATA_VERSION, SOURCE_CLASSES, source_batch, source_stream
 from toast_core.methods import build_method
-from toast_core.pretrain import mean_average_precision
 from toast_core.storage.checkpoints import save_module
-from toast_core.train import TrainConfig, predict, train
+from toast_core.training.pretrain import mean_average_precision
+from toast_core.training.train import TrainConfig, predict, train
 
 PRETUNED_STEM = CHECKPOINT_DIR / "toast_pretuned"
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if step % 25 == 0 or step == total:
             print(f"step {step}/{total} loss {metrics.get('loss', float('nan')):.4f} ({time.time() - t0:.0f} s)", flush=True)
 
-    from toast_core.train import Callbacks
+    from toast_core.training.train import Callbacks
 
     result = train(method, source_stream(args.seed, "train"), None, config, callbacks=Callbacks(on_step=progress))
     images, targets, _ = source_batch(args.seed, "val", 0, args.val_images)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             "stage": "pre-tuning (stage 1)",
             "class_names": list(SOURCE_CLASSES),
             "recipe": {**config.to_dict(), "var_loss_weight": args.var_weight, "loss": "BCE on pass 2 + variational"},
-            "command": "python -m toast_core.pretune " + " ".join(argv or []),
+            "command": "python -m toast_core.training.pretune " + " ".join(argv or []),
         },
     )
     print("saved", card, flush=True)

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from toast_core.train import TrainConfig
+from toast_core.training.train import TrainConfig
 
 #: images per class of the zoo's splits (the test split is >= 500 images for both tasks)
 TRAIN_PER_CLASS = 300

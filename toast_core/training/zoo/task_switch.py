@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 
 from toast_core.core.backbone import Backbone
-from toast_core.zoo.build import ZOO_DIR
-from toast_core.zoo.catalog import load_entry, zoo_entries
+from toast_core.training.zoo.build import ZOO_DIR
+from toast_core.training.zoo.catalog import load_entry, zoo_entries
 
 #: the zoo entries compared (each needs a stars and a glyphs module)
 SWITCH_ENTRIES = ("toast", "toast_lite", "lora", "vpt_deep", "full", "bitfit", "linear")
 
 
 def _focus(method: Any, images: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
-    from toast_core.train import view_over
+    from toast_core.training.train import view_over
     from toast_core.views import focus_share
 
     view = view_over(method, images, "cls", 64, layer=-1, head="mean")
@@ -36,7 +36,7 @@ def task_switch(backbone: Backbone, n: int = 400, root: Path = ZOO_DIR, seed: in
     """One row per entry shipped for both tasks: switch (mean, 95% CI, n), focus on star and digit
     under each module, and each module's accuracy on its own object of the mixed scenes."""
     from toast_core.data.mixed import make_mixed_split
-    from toast_core.fewshot import mean_ci95
+    from toast_core.training.fewshot import mean_ci95
 
     data = make_mixed_split(n, seed)
     by_key = {(e.task, e.entry): e for e in zoo_entries(backbone, root)}

@@ -11,7 +11,7 @@ import torch
 from toast_core.core.stats import wilson_interval
 from toast_core.data.base import LabeledImages
 from toast_core.methods.base import SteeringMethod
-from toast_core.train import view_over
+from toast_core.training.train import view_over
 from toast_core.views import faithfulness_summary
 from toast_core.views.objects import focus_report
 

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from toast_core.zoo.build import ZOO_DIR
+from toast_core.training.zoo.build import ZOO_DIR
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,34 +25,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from toast_core.core.backbone import load_backbone, tiny_fixture_backbone
-    from toast_core.recipes import RECIPES
+    from toast_core.training.recipes import RECIPES
 
     backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded")
     tasks = args.task or list(RECIPES)
     if args.action == "build":
-        from toast_core.zoo.build import build
+        from toast_core.training.zoo.build import build
 
         entries = [e.strip() for e in args.entries.split(",") if e.strip()] or None
         cards = build(tasks, entries, seed=args.seed, threads=args.threads, root=args.root,
                       backbone=backbone, smoke=args.smoke, force=args.force)
-        from toast_core.zoo.presets import write_presets
+        from toast_core.training.zoo.presets import write_presets
 
         presets = write_presets(backbone, tasks, args.root)
         print(f"lecture presets: {presets}")
         print(f"RESULT built={len(cards)} root={args.root}")
         return 0
     if args.action == "verify":
-        from toast_core.zoo.verify import result_line, verify
+        from toast_core.training.zoo.verify import result_line, verify
 
         summary = verify(backbone, args.root)
         line = result_line(summary)
         if args.append_results and not args.smoke:
-            from toast_core.zoo.report import write_results_section, zoo_rows
+            from toast_core.training.zoo.report import write_results_section, zoo_rows
 
             write_results_section(zoo_rows(backbone, args.root), line)
         print(line)
         return 0 if summary["modules"] and summary["max_card_drift"] <= 0.02 else 1
-    from toast_core.zoo.catalog import zoo_entries
+    from toast_core.training.zoo.catalog import zoo_entries
 
     for e in zoo_entries(backbone, args.root):
         t = e.test

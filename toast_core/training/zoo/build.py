@@ -21,11 +21,23 @@ import torch
 from toast_core.core.backbone import CHECKPOINT_DIR, Backbone
 from toast_core.data.base import LabeledImages
 from toast_core.methods.base import SteeringMethod
-from toast_core.recipes import DATA_SEED, RECIPES, TEST_PER_CLASS, TRAIN_PER_CLASS, VAL_PER_CLASS, Recipe
 from toast_core.storage.checkpoints import load_module, read_card, rewrite_card, save_module
 from toast_core.storage.storage_codec import roundtrip
-from toast_core.zoo.evaluate import score_faithfulness, score_split
-from toast_core.zoo.train_entry import build_entry_method, task_splits, train_entry, train_episode_entry
+from toast_core.training.recipes import (
+    DATA_SEED,
+    RECIPES,
+    TEST_PER_CLASS,
+    TRAIN_PER_CLASS,
+    VAL_PER_CLASS,
+    Recipe,
+)
+from toast_core.training.zoo.evaluate import score_faithfulness, score_split
+from toast_core.training.zoo.train_entry import (
+    build_entry_method,
+    task_splits,
+    train_entry,
+    train_episode_entry,
+)
 
 ZOO_DIR = CHECKPOINT_DIR / "zoo"
 ZOO_FORMAT = "toast-zoo-entry"
@@ -134,7 +146,7 @@ def score_module(method: SteeringMethod, test: LabeledImages) -> dict[str, Any]:
 
 def _rescore(stem: Path, backbone: Backbone, test: LabeledImages) -> dict[str, Any]:
     """Re-score a stored module (same weights) and rewrite its card with the new scores."""
-    from toast_core.zoo.train_entry import episode_test
+    from toast_core.training.zoo.train_entry import episode_test
 
     card = read_card(stem)
     zoo = card["extra"]["zoo"]

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from toast_core import distributed
 from toast_core.data.base import LabeledImages
-from toast_core.evaluation import (  # the loop's per-batch pieces; re-exported for train's callers
+from toast_core.methods.base import MethodOutput, SteeringMethod, seed_global
+from toast_core.training import distributed
+from toast_core.training.evaluation import (  # the loop's per-batch pieces; re-exported for train's callers
     cls_attention_grid,
     correct_count,
     evaluate,
@@ -34,8 +35,7 @@ from toast_core.evaluation import (  # the loop's per-batch pieces; re-exported 
     task_loss,
     view_over,
 )
-from toast_core.feature_cache import CacheStats, FrozenCache, plan_cache
-from toast_core.methods.base import MethodOutput, SteeringMethod, seed_global
+from toast_core.training.feature_cache import CacheStats, FrozenCache, plan_cache
 
 #: (step, batch_size, generator) -> (uint8 images (B, 3, H, W), targets (B,) long or (B, C) float)
 BatchSource = Callable[[int, int, torch.Generator], tuple[Tensor, Tensor]]
@@ -51,7 +51,7 @@ class TrainConfig:
     """How to train. `min_lr` is a ratio of `lr` reached at the end of the cosine; `eval_every` /
     `snapshot_every` = 0 means only at the end / never. `amp`: auto = bf16 (or fp16) on CUDA, off
     elsewhere. Weight decay applies to tensors with >= 2 dims (weights, prompts), not to biases/norms.
-    `cache_mb`: memory bound of the run's frozen-stage cache (toast_core.feature_cache; 0 = off)."""
+    `cache_mb`: memory bound of the run's frozen-stage cache (toast_core.training.feature_cache; 0 = off)."""
 
     steps: int = 100
     batch_size: int = 32
@@ -279,7 +279,7 @@ class _Loop:
         self.is_cuda = device.type == "cuda"
         seed_global(config.seed)  # a fine-tuned backbone's own dropout / drop-path, if enabled
         method.seed_streams(config.seed)  # prompt dropout, random prompt locations (per run, thread-safe)
-        self.world = distributed.ensure_joined(device)  # several processes (torchrun): toast_core.distributed
+        self.world = distributed.ensure_joined(device)  # several processes (torchrun): toast_core.training.distributed
         if self.world is not None:
             distributed.broadcast_module(method, self.world)
         self.generator = torch.Generator().manual_seed(config.seed)  # batch order

@@ -1,6 +1,6 @@
 """Measure the embedded backbone's quality, the numbers its card reports.
 
-`python -m toast_core.eval_backbone [--write-card]` prints source-task validation mAP, how much of
+`python -m toast_core.training.eval_backbone [--write-card]` prints source-task validation mAP, how much of
 the last-layer CLS attention falls on objects compared with their area, and a linear probe per
 downstream task (50 training images per class) with its focus on the deciding object. Its last line
 is `RESULT map=… focus_ratio=… probe_acc_min=…`.
@@ -21,11 +21,11 @@ from toast_core.core.backbone import EMBEDDED_CARD, Backbone, load_backbone
 from toast_core.core.forward import Capture, steered_forward
 from toast_core.data.base import to_model_input
 from toast_core.data.scenes import TASKS, make_task_split, source_batch
-from toast_core.pretrain import mean_average_precision
+from toast_core.training.pretrain import mean_average_precision
 from toast_core.views import focus_summary
 from toast_core.views.viz import compose_grid, draw_outline, normalise_maps, overlay
 
-FIGURE = Path(__file__).resolve().parent.parent / "assets" / "embedded_scenes.png"
+FIGURE = Path(__file__).resolve().parents[2] / "assets" / "embedded_scenes.png"
 
 
 def _last_layer_cls_map(backbone: Backbone, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
@@ -60,7 +60,7 @@ def source_quality(backbone: Backbone, n: int, seed: int) -> dict[str, float]:
 def probe_quality(backbone: Backbone, task: str, per_class: int, seed: int, steps: int) -> dict[str, float]:
     """Linear probe through the project's own method + training loop, then its test accuracy and focus."""
     from toast_core.methods import build_method
-    from toast_core.train import TrainConfig, evaluate, train
+    from toast_core.training.train import TrainConfig, evaluate, train
 
     size = backbone.layout.img_size[0]
     train_set = make_task_split(task, "train", per_class, seed, size)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "object_focus_ratio": round(src["focus_ratio"], 3),
             "linear_probe": {t: {k: round(v, 4) for k, v in p.items()} for t, p in probes.items()},
             "probe_images_per_class": args.per_class,
-            "command": "python -m toast_core.eval_backbone --write-card",
+            "command": "python -m toast_core.training.eval_backbone --write-card",
         }
         EMBEDDED_CARD.write_text(json.dumps(card, indent=2))
     if args.figure:

@@ -12,7 +12,7 @@ from typing import Any
 from toast_core.core.backbone import Backbone
 from toast_core.methods.base import SteeringMethod
 from toast_core.storage.checkpoints import CheckpointError, load_module, read_card
-from toast_core.zoo.build import ZOO_DIR, ZOO_FORMAT
+from toast_core.training.zoo.build import ZOO_DIR, ZOO_FORMAT
 
 ZOO_PREFIX = "zoo:"
 #: the entries a first view compares, in this order (the task recipes)
@@ -72,7 +72,7 @@ def zoo_entries(backbone: Backbone | None = None, root: Path = ZOO_DIR, task: st
 
 
 def _recipe_order() -> list[str]:
-    from toast_core.recipes import RECIPES
+    from toast_core.training.recipes import RECIPES
 
     return list(next(iter(RECIPES.values())))
 
@@ -103,7 +103,7 @@ def expected_train_s(task: str, method: str, steps: int, batch_size: int, root: 
     """Training time a run of `method` on built-in `task` should take on an idle 2-core machine: the
     zoo build's CPU time for that method's recipe over its threads, scaled by images seen (steps x
     batch); None without a card."""
-    from toast_core.recipes import default_for
+    from toast_core.training.recipes import default_for
 
     r = default_for(task, method)
     if r is None:
