@@ -316,7 +316,7 @@ def main() -> int:
     args = p.parse_args()
     world = distributed.init_from_env()
     log = print if world is None or world.is_main else (lambda *_: None)
-    from toast_core.cli import backbone_from_spec
+    from toast_core.frontends.cli import backbone_from_spec
 
     tmp = tempfile.TemporaryDirectory(prefix="transfer_smoke_") if args.smoke else None
     try:

@@ -10,10 +10,10 @@ import streamlit as st
 import torch
 from plotly.subplots import make_subplots
 
-from toast_core import app_state as S
 from toast_core.data.folder import ImageFolderError
 from toast_core.data.scenes import TASKS
 from toast_core.data.zip_import import ZipImportError
+from toast_core.frontends import app_state as S
 from toast_core.methods import method_names
 from toast_core.runs import ACTIVE_STATES, RunError, RunStatus
 from toast_core.runs.torchrun import gpu_count

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from toast_core.cli import backbone_from_spec
+from toast_core.frontends.cli import backbone_from_spec
 from toast_core.runs import RunConfig, RunManager
 from toast_core.runs.registry import list_runs, read_run
 from toast_core.storage.bundles import (

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from toast_core import cli
+from toast_core.frontends import cli
 from toast_core.runs.registry import list_runs
 
 REPO = Path(__file__).resolve().parent.parent

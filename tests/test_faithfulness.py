@@ -227,7 +227,7 @@ def test_faithfulness_summary_over_a_data_set() -> None:
 
 
 def test_cli_eval_reports_deletion_aucs_with_intervals(tmp_path, capsys) -> None:
-    from toast_core import cli
+    from toast_core.frontends import cli
     from toast_core.runs.registry import list_runs
 
     fix = ["--backbone", "fixture", "--runs-dir", str(tmp_path)]

@@ -110,7 +110,7 @@ class SteeringMethod(nn.Module, Steer):
         """What the training step must capture for `extra_losses`."""
         return NOTHING
 
-    # --- the frozen stage (per-run cache; see toast_core.training.feature_cache) -----------------------
+    # --- the frozen stage (per-run cache; see toast_core.training.feature_cache) --------------
     def frozen_stage_signature(self) -> str:
         """What the frozen stage's rows depend on besides the backbone and the image."""
         return str(self.frozen_stage_kind)

@@ -1,6 +1,6 @@
 """The Gradio demo (Hugging Face Spaces): the Explorer's core plus a small tuning tab, CPU-friendly.
 
-    python -m toast_core.gradio_app [--port 7860] [--backbone embedded] [--runs-dir runs]
+    python -m toast_core.frontends.gradio_app [--port 7860] [--backbone embedded] [--runs-dir runs]
 
 Explorer: an uploaded or example image, any shipped or trained modules, one attention view side by
 side on ONE shared colour scale, predictions, and focus scores for a box given as numbers. The
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toast_core.cli_common import (
+from toast_core.frontends.cli_common import (
     BACKBONE_HELP,
     SHIPPED_MODULES,
     SHIPPED_RUNS,
@@ -33,7 +33,7 @@ from toast_core.cli_common import (
     backbone_from_spec,
     default_runs_dir,
 )
-from toast_core.gradio_context import (  # noqa: F401  (FAITH_STEPS, TABLE_HEADERS: re-exported for callers)
+from toast_core.frontends.gradio_context import (  # noqa: F401  (FAITH_STEPS, TABLE_HEADERS: re-exported for callers)
     FAITH_STEPS,
     MAX_IMAGE_MB,
     MAX_TUNE_PER_CLASS,
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     import gradio as gr
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
 #: example scenes written by `--write-examples` (the lecture presets' scenes)
 EXAMPLE_SCENES: tuple[tuple[str, str, int], ...] = (
@@ -68,7 +68,7 @@ VIEW_CHOICES: tuple[tuple[str, str], ...] = (
     ("TOAST selection mask", "selection"),
 )
 COLOUR_MAPS = ("jet", "inferno", "viridis", "magma", "turbo", "hot")
-LOG = logging.getLogger("toast_core.gradio_app")
+LOG = logging.getLogger("toast_core.frontends.gradio_app")
 
 
 # --- the UI ------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def launch(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m toast_core.gradio_app",
+    p = argparse.ArgumentParser(prog="python -m toast_core.frontends.gradio_app",
                                 description="Gradio demo of the Attention Steering Lab (Hugging Face Spaces).")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

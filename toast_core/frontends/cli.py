@@ -21,8 +21,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from toast_core import cli_runs, cli_views
-from toast_core.cli_common import (
+from toast_core.frontends import cli_runs, cli_views
+from toast_core.frontends.cli_common import (
     BENCH_DIR,
     DEBUG_ENV,
     EXIT_ERROR,

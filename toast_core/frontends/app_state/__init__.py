@@ -1,4 +1,4 @@
-"""What the Streamlit pages share, one module per page: `from toast_core import app_state as S`.
+"""What the Streamlit pages share, one module per page: `from toast_core.frontends import app_state as S`.
 
 Pages stay thin (widgets and plots); everything they compute goes through here, and everything here
 goes through the library (`compare`, `attention`, `viz`, `runs`, `checkpoints`, `data.*`). Shared

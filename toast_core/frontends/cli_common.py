@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from toast_core.core.backbone import Backbone
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = REPO_ROOT / "benchmarks"
 SHIPPED_RUNS = REPO_ROOT / "checkpoints" / "runs"
 SHIPPED_MODULES = REPO_ROOT / "checkpoints"

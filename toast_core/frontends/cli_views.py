@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from toast_core.cli_common import (
+from toast_core.frontends.cli_common import (
     EXIT_OK,
     UsageError,
     _add_backbone_args,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toast_core.cli_common import (
+from toast_core.frontends.cli_common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
