@@ -14,7 +14,7 @@ Streamlit also treats a `pages/` folder next to the main script as an old-style 
 session has called `st.navigation`, so a first visitor who opened a page URL (/explorer) got that page
 alone, without the navigation and wide layout; the `PagesManager` flag says at start-up what
 `main()` says on its first run. Heavy imports stay inside functions so the server starts at once.
-Every page reads the shared backbone and run registry from `toast_core.app_state`;
+Every page reads the shared backbone and run registry from `toast_core.frontends.app_state`;
 `TOAST_LAB_BACKBONE=fixture` swaps in a tiny random-weight ViT for tests, `TOAST_LAB_RUNS_DIR` points
 the registry elsewhere.
 """
@@ -36,7 +36,7 @@ PAGES_DIR = "pages"
 
 def home() -> None:
     """What the lab is, which backbone is loaded, which runs exist, and lecture shortcuts."""
-    from toast_core import app_state as S
+    from toast_core.frontends import app_state as S
 
     st.title("Attention Steering Lab")
     st.write(
@@ -121,7 +121,8 @@ async def lifespan(_app: Any) -> AsyncIterator[None]:
     """Start the warm-up and return at once, so the server never waits for it."""
 
     def warm() -> None:
-        from toast_core.app_state import warm_up  # the heavy imports happen here, off the server's path
+        # the heavy imports happen here, off the server's path
+        from toast_core.frontends.app_state import warm_up
 
         warm_up()
 

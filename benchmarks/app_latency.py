@@ -139,7 +139,7 @@ def seed_runs(runs_dir: Path, backbone: str, methods=SEED_METHODS, steps: int = 
     """Train tiny modules into the registry (in this process, before the server opens it)."""
     import torch
 
-    from toast_core.app_state import load_spec, spec_from_env
+    from toast_core.frontends.app_state import load_spec, spec_from_env
     from toast_core.runs import RunConfig, RunManager
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -31,8 +31,8 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from toast_core.backbone import freeze, tiny_fixture_backbone
-from toast_core.forward import Capture, steered_forward
+from toast_core.core.backbone import freeze, tiny_fixture_backbone
+from toast_core.core.forward import Capture, steered_forward
 
 TARGETS = {"cls_rows": 1.10, "full_maps": 1.30}
 VARIANTS = ("fused", "steered", "cls_rows", "full_maps", "hooks")

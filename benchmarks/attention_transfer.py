@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from fewshot import RESULTS_FILE, smoke_task, write_section
 
-from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, load_backbone, tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
-from toast_core.fewshot import score_queries
 from toast_core.methods import build_method
-from toast_core.train import TrainConfig, train
+from toast_core.training.fewshot import score_queries
+from toast_core.training.train import TrainConfig, train
 
 RUNS = (  # (label, registry name, lr, weight decay)
     ("scratch", "scratch", 1e-3, 0.05),

@@ -1,4 +1,4 @@
-"""Do N torchrun processes train the same module as one process? (toast_core.distributed)
+"""Do N torchrun processes train the same module as one process? (toast_core.training.distributed)
 
 One process trains full fine-tuning, LoRA and TOAST on the fixture backbone with global batch B;
 then `torchrun --nproc_per_node=N` (gloo, CPU) trains the same three with B / N images per rank,
@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from toast_core import distributed
-from toast_core.backbone import tiny_fixture_backbone
+from toast_core.core.backbone import tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
 from toast_core.methods import build_method
-from toast_core.train import TrainConfig, train
+from toast_core.training import distributed
+from toast_core.training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -66,10 +66,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, load_backbone, tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
 from toast_core.data.squares import coloured_squares
-from toast_core.fewshot import (
+from toast_core.training.fewshot import (
     EpisodeResult,
     FewShotConfig,
     FewShotSummary,

@@ -2,7 +2,7 @@
 
 Focus asks whether a module's map lands on the object that decides the label (plausibility);
 faithfulness asks whether the module's prediction depends on what the map points at. For every zoo
-module of the task (checkpoints/zoo, read through `toast_core.zoo.catalog`) on the test split:
+module of the task (checkpoints/zoo, read through `toast_core.training.zoo.catalog`) on the test split:
 - x: focus ratio of the map on the deciding object (`views.objects.focus_report`: ratio of means,
   1 = chance, bootstrap 95% CI over images);
 - y: LeRF − MoRF deletion gap of the same map (`views.faithfulness_summary`: patch tokens dropped
@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toast_core.backbone import load_backbone, tiny_fixture_backbone
+from toast_core.core.backbone import load_backbone, tiny_fixture_backbone
 from toast_core.data.scenes import make_task_split
 from toast_core.methods import build_method
-from toast_core.train import view_over
+from toast_core.training.train import view_over
 from toast_core.views import faithfulness_summary
 from toast_core.views.objects import focus_report
 
@@ -52,11 +52,11 @@ def modules_and_data(args: argparse.Namespace):
         backbone = tiny_fixture_backbone(img_size=96, patch_size=16)
         data = make_task_split(args.task, "test", per_class=1, seed=args.seed, size=96)
         return backbone, [(n, build_method(n, backbone, len(TASKS[args.task].classes))) for n in SMOKE_METHODS], data
-    from toast_core.zoo.build import ZOO_DIR
-    from toast_core.zoo.catalog import load_entry, zoo_entries
+    from toast_core.training.zoo.build import ZOO_DIR
+    from toast_core.training.zoo.catalog import load_entry, zoo_entries
 
     if args.backbone == "fixture":
-        from toast_core.zoo.train_entry import task_splits
+        from toast_core.training.zoo.train_entry import task_splits
 
         backbone, data = tiny_fixture_backbone(), task_splits(args.task, smoke=True)["test"]
     else:

@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 
-from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, load_backbone, tiny_fixture_backbone
 from toast_core.runs import RunConfig, RunManager, RunStatus
 
 

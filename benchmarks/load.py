@@ -1,6 +1,6 @@
 """Load: Gradio and Streamlit clients training and comparing at once, then each run re-run alone.
 
-Starts the Gradio demo (`python -m toast_core.gradio_app`) and the Streamlit app (`streamlit run
+Starts the Gradio demo (`python -m toast_core.frontends.gradio_app`) and the Streamlit app (`streamlit run
 app.py`) as real server processes on loopback ports, each with its own run registry. Then, at the
 same time:
 - N Gradio clients (gradio_client, one thread each) each submit a small tuning run through the demo's
@@ -199,8 +199,8 @@ def _metrics_difference(a: dict, b: dict) -> float:
 
 def rerun_alone(backbone, runs_dir: Path, run_id: str, threads: int | None, scratch: Path):
     """The run's recorded config trained again, alone, in a fresh registry; returns (status, folder)."""
-    from toast_core.runs.registry import read_run
     from toast_core.runs import RunConfig, RunManager
+    from toast_core.runs.registry import read_run
 
     config = RunConfig.from_dict(read_run(runs_dir / run_id).config)
     root = scratch / f"alone-{run_id}"
@@ -261,7 +261,7 @@ def main() -> None:
     args = parser.parse_args()
     if not CHROMIUM.is_file():
         sys.exit("No /usr/bin/chromium: install Debian's chromium (apt-get install -y chromium).")
-    from toast_core.cli import backbone_from_spec
+    from toast_core.frontends.cli import backbone_from_spec
 
     gradio = [Client("gradio", i, *GRADIO_PLANS[i % len(GRADIO_PLANS)], seed=1 + i) for i in range(args.clients)]
     lab = [Client("streamlit", i, "lora", "stars", seed=11 + i) for i in range(args.clients)]

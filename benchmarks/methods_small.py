@@ -36,11 +36,11 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
-from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone  # noqa: E402
+from toast_core.core.backbone import Backbone, load_backbone, tiny_fixture_backbone  # noqa: E402
 from toast_core.data.base import LabeledImages  # noqa: E402
 from toast_core.methods import build_method, method_names  # noqa: E402
 from toast_core.methods.base import SteeringMethod  # noqa: E402
-from toast_core.train import TrainConfig, TrainResult, train, view_over  # noqa: E402
+from toast_core.training.train import TrainConfig, TrainResult, train, view_over  # noqa: E402
 from toast_core.views import focus_summary  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"

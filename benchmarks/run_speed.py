@@ -1,7 +1,7 @@
 """End-to-end lecture-recipe runs with and without the frozen-stage cache, side by side in one process.
 
-Why: the cache (`toast_core.feature_cache`, issue 17) should make whole runs cheaper, not just a
-step, and must not change what they learn. Each recipe (`toast_core.recipes`, task "stars" on the
+Why: the cache (`toast_core.training.feature_cache`, issue 17) should make whole runs cheaper, not just a
+step, and must not change what they learn. Each recipe (`toast_core.training.recipes`, task "stars" on the
 embedded backbone, its training split at the recipe's images per class) is trained twice with the
 same seed through the one `train()` — `cache_mb` at its default (cached) and 0 (every step
 recomputes the frozen backbone) — and the final modules are compared parameter by parameter.
@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from toast_core.backbone import Backbone, load_embedded, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, load_embedded, tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
 from toast_core.methods import build_method
-from toast_core.recipes import Recipe, recipe
-from toast_core.train import TrainResult, train
+from toast_core.training.recipes import Recipe, recipe
+from toast_core.training.train import TrainResult, train
 
 
 def load(args: argparse.Namespace) -> tuple[Backbone, LabeledImages, LabeledImages, str]:

@@ -1,6 +1,6 @@
 """The Gradio demo as a real server process, for tests and benchmarks that need its log.
 
-`GradioServer` runs `python -m toast_core.gradio_app` in its own process group on a free loopback
+`GradioServer` runs `python -m toast_core.frontends.gradio_app` in its own process group on a free loopback
 port, with stdout and stderr in a log file (so a test can assert that no traceback was printed), and
 stops only that group. The Streamlit counterpart is `benchmarks.app_latency.LabServer`.
 """
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class GradioServer:
-    """`python -m toast_core.gradio_app` on 127.0.0.1, its output in `log_path`."""
+    """`python -m toast_core.frontends.gradio_app` on 127.0.0.1, its output in `log_path`."""
 
     def __init__(self, runs_dir: Path, backbone: str = "fixture", log: Path | None = None, threads: int = 1):
         self.port = free_port()
@@ -35,7 +35,7 @@ class GradioServer:
         tmp = Path(tempfile.mkdtemp(prefix="gradio-tmp-"))
         env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp),
                    OMP_NUM_THREADS=str(self.threads), PYTHONPATH=str(ROOT))
-        cmd = [sys.executable, "-m", "toast_core.gradio_app", "--backbone", self.backbone, "--port", str(self.port),
+        cmd = [sys.executable, "-m", "toast_core.frontends.gradio_app", "--backbone", self.backbone, "--port", str(self.port),
                "--host", "127.0.0.1", "--runs-dir", str(self.runs_dir), "--threads", str(self.threads)]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,

@@ -4,7 +4,7 @@
     python benchmarks/task_switch.py --n 100 --append-results
 
 Needs the shipped zoo (checkpoints/zoo, `python -m toast_core zoo build`). See
-`toast_core.zoo.task_switch` for the definition of switch; CI = 1.96 s / sqrt(n) over images.
+`toast_core.training.zoo.task_switch` for the definition of switch; CI = 1.96 s / sqrt(n) over images.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from toast_core.backbone import load_backbone  # noqa: E402
-from toast_core.zoo.task_switch import task_switch  # noqa: E402
+from toast_core.core.backbone import load_backbone  # noqa: E402
+from toast_core.training.zoo.task_switch import task_switch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADING = "## task_switch: does attention follow the task on one image?"
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.append_results:
         section = (f"{HEADING}\n\n{text}\n\n- n = {args.n} mixed scenes (one star, one digit, 1-3 distractors; "
                    "`data.mixed.make_mixed_split`), last-layer CLS attention, head mean; switch as defined in "
-                   f"`toast_core.zoo.task_switch`; command: `python benchmarks/task_switch.py --n {args.n} "
+                   f"`toast_core.training.zoo.task_switch`; command: `python benchmarks/task_switch.py --n {args.n} "
                    f"--append-results` ({time.strftime('%Y-%m-%d')})\n")
         old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
         pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)

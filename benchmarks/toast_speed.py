@@ -14,7 +14,7 @@ the top down to block k; no selection, no decoders. With the backbone run as it 
 less than its floor, so a ratio target below the floor's cannot be met by TOAST's own code.
 
 Cached rows (issue 17): within a run the images are fixed, so `train()` keeps pass 1's output per
-image (`toast_core.feature_cache`) and a step after the first epoch runs selection, feedback and
+image (`toast_core.training.feature_cache`) and a step after the first epoch runs selection, feedback and
 pass 2 only (`*_cached`: a filled cache read per step). The first epoch still computes pass 1 and
 stores it (`*_fill`: the cost of a step whose images are not cached yet), reported beside it.
 
@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toast_core.backbone import Backbone, _wrap, tiny_fixture_backbone
-from toast_core.feature_cache import FrozenCache
-from toast_core.forward import Capture, Steer, pool, steered_forward
+from toast_core.core.backbone import Backbone, _wrap, tiny_fixture_backbone
+from toast_core.core.forward import Capture, Steer, pool, steered_forward
 from toast_core.methods.base import SteeringMethod
 from toast_core.methods.full import FullFineTune
 from toast_core.methods.toast import Toast, ToastConfig, ToastLite
+from toast_core.training.feature_cache import FrozenCache
 
 TARGETS = {
     "toast_vs_ref": 0.70,

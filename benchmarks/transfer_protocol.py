@@ -25,7 +25,7 @@ Resize(256) + CenterCrop(224) test transform; here images are resized to the bac
 The table has the seeds' / TOAST README's columns (CUB, NABirds, OxfordFlower, Stanford-dogs,
 Stanford-cars, Average Acc) and names the backbone in every row, published rows included.
 Under torchrun every rank runs this script; training and test evaluation are split over the
-ranks (toast_core.distributed) and only rank 0 writes the table. Last line:
+ranks (toast_core.training.distributed) and only rank 0 writes the table. Last line:
 RESULT datasets=<n> methods=<m> mean_test_acc=<...>
 """
 
@@ -43,13 +43,13 @@ from typing import Any
 
 import torch
 
-from toast_core import distributed
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
+from toast_core.core.stats import wilson_interval
 from toast_core.data.files import FileSet
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
-from toast_core.stats import wilson_interval
-from toast_core.train import TrainConfig, train
+from toast_core.training import distributed
+from toast_core.training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -146,11 +146,11 @@ def find_datasets(root: Path, size: int, fit: str, workers: int | None) -> list[
     for folder in folders:
         kw = {"size": size, "fit": fit, "num_workers": workers}
         if _is_fgvc(folder):
-            read = lambda s, f=folder: fgvc_split(f, s, **kw)  # noqa: E731
+            read = lambda s, f=folder, kw=kw: fgvc_split(f, s, **kw)  # noqa: E731
             splits = ("train", "val", "train", "test")
             layout = "fgvc"
         else:
-            read = lambda s, f=folder: vtab_split(f, s, **kw)  # noqa: E731
+            read = lambda s, f=folder, kw=kw: vtab_split(f, s, **kw)  # noqa: E731
             splits = ("train800", "val200", "train800val200", "test")
             layout = "vtab-1k"
         column = FOLDER_COLUMN.get(folder.name.lower(), folder.name)
@@ -316,7 +316,7 @@ def main() -> int:
     args = p.parse_args()
     world = distributed.init_from_env()
     log = print if world is None or world.is_main else (lambda *_: None)
-    from toast_core.cli import backbone_from_spec
+    from toast_core.frontends.cli import backbone_from_spec
 
     tmp = tempfile.TemporaryDirectory(prefix="transfer_smoke_") if args.smoke else None
     try:

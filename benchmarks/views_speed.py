@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from toast_core import views as A
-from toast_core.backbone import Backbone, load_backbone, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, load_backbone, tiny_fixture_backbone
 from toast_core.methods.base import MethodConfig, SteeringMethod
 
 PREFERRED = ("linear", "lora", "vpt", "toast", "bitfit", "visual_prompt", "full")

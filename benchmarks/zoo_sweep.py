@@ -4,10 +4,10 @@
     python benchmarks/zoo_sweep.py --task stars --entries lora,toast
     python benchmarks/zoo_sweep.py --smoke               # fixture backbone, random data, 3 steps
 
-For each task recipe in `toast_core.recipes` it trains the recipe's learning rate and the
+For each task recipe in `toast_core.training.recipes` it trains the recipe's learning rate and the
 candidates in CANDIDATES at `--budget` times the recipe's steps (same seed, same data), and reports
 validation accuracy (n = val images, 95% Wilson interval). The test split is never read. The
-chosen rate per method goes into `toast_core/recipes.py` by hand-free rule: the highest validation
+chosen rate per method goes into `toast_core/training/recipes.py` by hand-free rule: the highest validation
 accuracy; ties (within one image) go to the recipe's current rate.
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from toast_core.recipes import RECIPES, VAL_PER_CLASS, Recipe
-from toast_core.stats import wilson_interval
-from toast_core.zoo.train_entry import build_entry_method, task_splits, train_entry
+from toast_core.core.stats import wilson_interval
+from toast_core.training.recipes import RECIPES, VAL_PER_CLASS, Recipe
+from toast_core.training.zoo.train_entry import build_entry_method, task_splits, train_entry
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "zoo_sweep.json"
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.entries:
         wanted = {e.strip() for e in args.entries.split(",") if e.strip()}
         recipes = [r for r in recipes if r.entry in wanted]
-    from toast_core.backbone import load_backbone, tiny_fixture_backbone
+    from toast_core.core.backbone import load_backbone, tiny_fixture_backbone
 
     backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded")
     splits = task_splits(args.task, smoke=args.smoke, with_test=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from toast_core import app_state as S
+from toast_core.frontends import app_state as S
 
 CHOICES = ("Embedded (default)", "timm model from the hub", "Local weights file")
 

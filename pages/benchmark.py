@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from toast_core import app_state as S
+from toast_core.frontends import app_state as S
 
 ACCURACY_AXIS = dict(range=[0, 1.05], tickformat=".0%")  # accuracy is a share: never a negative axis
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from toast_core import app_state as S
-from toast_core import compare
 from toast_core.data.images import ImageInputError
 from toast_core.data.scenes import SPLITS, TASKS
-from toast_core.viz import (
+from toast_core.frontends import app_state as S
+from toast_core.views import compare
+from toast_core.views.viz import (
     COLORMAPS,
     box_from_selection,
     box_picker_figure,

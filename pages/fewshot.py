@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from toast_core import app_state as S
-from toast_core import compare
 from toast_core.data.folder import ImageFolderError
 from toast_core.data.scenes import TASKS
 from toast_core.data.zip_import import ZipImportError
-from toast_core.fewshot import EpisodeCache, FewShotConfig, MethodSpec, TunedEpisode, tune_episode
+from toast_core.frontends import app_state as S
 from toast_core.methods.fort import HEAD_AGGS, PROMPT_WEIGHTS, default_prompt_patches
-from toast_core.viz import overlay, overlays
+from toast_core.training.fewshot import EpisodeCache, FewShotConfig, MethodSpec, TunedEpisode, tune_episode
+from toast_core.views import compare
+from toast_core.views.viz import overlay, overlays
 
 SOURCES = ("Built-in task", "Uploaded zip of class folders")
 

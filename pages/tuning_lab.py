@@ -10,15 +10,15 @@ import streamlit as st
 import torch
 from plotly.subplots import make_subplots
 
-from toast_core import app_state as S
 from toast_core.data.folder import ImageFolderError
 from toast_core.data.scenes import TASKS
 from toast_core.data.zip_import import ZipImportError
+from toast_core.frontends import app_state as S
 from toast_core.methods import method_names
-from toast_core.recipes import run_defaults
 from toast_core.runs import ACTIVE_STATES, RunError, RunStatus
 from toast_core.runs.torchrun import gpu_count
-from toast_core.viz import heatmap_image, normalise_maps, overlay
+from toast_core.training.recipes import run_defaults
+from toast_core.views.viz import heatmap_image, normalise_maps, overlay
 
 POLL_S = 1.0  # seconds between refreshes of the run panel while a run is queued or running
 TASK_SOURCES = ("Built-in task", "Uploaded zip of class folders", "Few-shot episode")

@@ -2,7 +2,7 @@
 
 Spaces runs `python spaces/app.py` from the repository root and sets GRADIO_SERVER_NAME=0.0.0.0;
 everything else (backbone, runs registry, threads) can be set with the same flags / environment as
-`python -m toast_core.gradio_app`.
+`python -m toast_core.frontends.gradio_app`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from toast_core.gradio_app import main  # noqa: E402
+from toast_core.frontends.gradio_app import main  # noqa: E402
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from toast_core.backbone import Backbone, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, tiny_fixture_backbone
 
 torch.set_num_threads(1)
 

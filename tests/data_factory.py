@@ -5,7 +5,7 @@ images per class — so the whole suite stays fast on two cores."""
 
 from __future__ import annotations
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.data.base import LabeledImages
 from toast_core.data.squares import RGB_NAMES, coloured_squares
 

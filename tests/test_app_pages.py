@@ -28,7 +28,7 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["TOAST_LAB_BACKBONE"] = "fixture"
     os.environ["TOAST_LAB_RUNS_DIR"] = str(runs)
     yield runs
-    from toast_core import app_state as S
+    from toast_core.frontends import app_state as S
 
     try:
         S.run_manager(S.spec_from_env()).shutdown(timeout=30)
@@ -66,7 +66,7 @@ def png_bytes(mode: str = "RGB", size: tuple[int, int] = (120, 80), dtype=np.uin
 
 
 def manager():
-    from toast_core.app_state import session
+    from toast_core.frontends.app_state import session
 
     return session._cached_manager(str(session.runs_root()), session.spec_from_env().key)
 
@@ -89,7 +89,7 @@ def submit_tiny_run(at, method: str = "linear", **settings) -> str:
 
 # --- home ---------------------------------------------------------------------------------------
 def test_home_shows_fixture_backbone_runs_and_presets() -> None:
-    from toast_core import app_state as S
+    from toast_core.frontends import app_state as S
 
     at = page("app.py").run()
     assert not at.exception
@@ -104,7 +104,7 @@ def test_streamlit_run_app_py_serves_itself_with_the_backbone_warmed(monkeypatch
     the very cache the pages read, so the first page loads no backbone itself."""
     from streamlit.web.server.app_discovery import discover_asgi_app
 
-    from toast_core import app_state as S
+    from toast_core.frontends import app_state as S
 
     found = discover_asgi_app(ROOT / "app.py")
     assert found.is_asgi_app and found.app_name == "app"
@@ -138,7 +138,7 @@ def test_explorer_compares_on_a_builtin_scene_with_its_mask() -> None:
 
 
 def test_explorer_preset_sets_scene_and_view() -> None:
-    from toast_core import app_state as S
+    from toast_core.frontends import app_state as S
 
     p = S.PRESETS[1]
     at = page("pages/explorer.py")
@@ -271,7 +271,7 @@ def test_tuning_lab_runs_fort_and_always_shows_a_finished_runs_final_attention()
     assert not at.exception
     assert snapshot_captions(at) == ["Probe image, last-layer CLS attention at step 3 (final module)"]
     assert not any("No attention snapshot" in c for c in texts(at.caption))
-    from toast_core import app_state as S
+    from toast_core.frontends import app_state as S
 
     grid, step = S.run_snapshot(manager().status(run_id), 96)
     assert step == 3

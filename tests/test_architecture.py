@@ -1,6 +1,7 @@
 """The house rules a newcomer relies on: no import cycle anywhere in toast_core (lazy imports inside
 functions count too: a cycle is a cycle even when it only bites at call time), no module over 500
-lines and no class over 300. Read from the source with `ast`, nothing is imported."""
+lines and no class over 300, and the top of toast_core/ holds only packages (the layers), so the
+folder tree tells the layers. Read from the source with `ast`, nothing is imported."""
 
 from __future__ import annotations
 
@@ -100,9 +101,9 @@ def import_cycles() -> list[list[str]]:
 def test_the_cycle_finder_sees_lazy_imports():
     """A check that cannot fail proves nothing: the run lookup and the figures import the way the
     layers say (bundles -> compare -> runs.registry), and the finder reads a lazy import as an edge."""
-    assert "toast_core.compare" in imports_of("toast_core.bundles")
-    assert "toast_core.runs.registry" in imports_of("toast_core.compare")  # imported inside functions
-    assert "toast_core.bundles" not in imports_of("toast_core.compare")
+    assert "toast_core.views.compare" in imports_of("toast_core.storage.bundles")
+    assert "toast_core.runs.registry" in imports_of("toast_core.views.compare")  # imported inside functions
+    assert "toast_core.storage.bundles" not in imports_of("toast_core.views.compare")
     assert "toast_core.views" in imports_of("toast_core.methods.fort")  # inside a function too
 
 
@@ -121,3 +122,31 @@ def test_no_module_over_500_lines_and_no_class_over_300():
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
                 too_long.append(f"{name}.{node.name}: class of {node.end_lineno - node.lineno + 1} lines")
     assert too_long == []
+
+
+def _only_bytecode(folder: Path) -> bool:
+    """A folder git would not see: nothing in it but `__pycache__` (what a moved package leaves behind
+    in an existing checkout)."""
+    return all(p.name == "__pycache__" or (p.is_dir() and _only_bytecode(p)) for p in folder.iterdir())
+
+
+def top_level_strays(package: Path = PACKAGE) -> list[str]:
+    """What sits at the top of `package` besides `__init__.py`, `__main__.py` and packages (folders
+    with an `__init__.py`); `__pycache__` is Python's, not ours."""
+    allowed = {"__init__.py", "__main__.py", "__pycache__"}
+    return sorted(
+        p.name
+        for p in package.iterdir()
+        if p.name not in allowed and not (p.is_dir() and ((p / "__init__.py").is_file() or _only_bytecode(p)))
+    )
+
+
+def test_the_top_of_toast_core_holds_only_packages(tmp_path):
+    assert top_level_strays() == []
+    # a check that cannot fail proves nothing: the old flat layout (a module beside the packages) and
+    # a folder that is not a package are both reported; a moved package's leftover bytecode is not
+    for name in ("__init__.py", "__main__.py", "train.py", "core/__init__.py", "notes/readme.txt",
+                 "zoo/__pycache__/build.cpython-311.pyc"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    assert top_level_strays(tmp_path) == ["notes", "train.py"]

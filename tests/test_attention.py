@@ -14,8 +14,8 @@ from timm.models.deit import VisionTransformerDistilled
 from torch import Tensor, nn
 
 from toast_core import views as A
-from toast_core.backbone import Backbone, freeze, tiny_fixture_backbone, token_layout, weights_hash
-from toast_core.forward import Capture, steered_forward
+from toast_core.core.backbone import Backbone, freeze, tiny_fixture_backbone, token_layout, weights_hash
+from toast_core.core.forward import Capture, steered_forward
 from toast_core.methods.base import SteeringMethod
 
 NUM_PROMPTS = 3

@@ -11,8 +11,8 @@ import pytest
 import torch
 from data_factory import rgb_squares
 
-from toast_core.backbone import Backbone, tiny_fixture_backbone, weights_hash
-from toast_core.forward import Capture, steered_forward
+from toast_core.core.backbone import Backbone, tiny_fixture_backbone, weights_hash
+from toast_core.core.forward import Capture, steered_forward
 from toast_core.methods import build_method
 from toast_core.methods.attention_transfer import (
     AttentionCopy,
@@ -22,7 +22,7 @@ from toast_core.methods.attention_transfer import (
     build_student,
     copy_weights_from_teacher,
 )
-from toast_core.train import TrainConfig, train
+from toast_core.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_distill_gradient_pulls_student_maps_to_the_teachers(sharp: Backbone, x:
 def test_checkpoint_round_trip_and_views(fixture_backbone: Backbone, x: torch.Tensor, tmp_path, name: str) -> None:
     """The new methods save/load through the card format and every view they list works."""
     from toast_core import views as A
-    from toast_core.checkpoints import load_module, save_module
+    from toast_core.storage.checkpoints import load_module, save_module
 
     method = build_method(name, fixture_backbone, 3, {"seed": 5}).eval()
     loaded = load_module(save_module(method, tmp_path / name, task="t"), fixture_backbone).eval()

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from toast_core import backbone as bb
-from toast_core.backbone import (
+from toast_core.core import backbone as bb
+from toast_core.core.backbone import (
     Backbone,
     BackboneError,
     load_backbone,

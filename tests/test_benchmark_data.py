@@ -13,10 +13,10 @@ from toast_core.data.fgvc import fgvc_split
 from toast_core.data.files import DatasetLayoutError
 from toast_core.data.layouts import export_fgvc, export_vtab
 from toast_core.data.vtab import vtab_split
-from toast_core.evaluation import evaluate
-from toast_core import distributed
 from toast_core.methods import build_method
-from toast_core.train import TrainConfig, train
+from toast_core.training import distributed
+from toast_core.training.evaluation import evaluate
+from toast_core.training.train import TrainConfig, train
 
 
 def _split(n: int, classes: int = 3, seed: int = 0, size: int = 40) -> LabeledImages:

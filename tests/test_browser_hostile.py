@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from hostile_inputs import decodable_images, hostile_zips, refused_images
 
 from benchmarks.app_latency import CHROMIUM, LabServer, compared, launch_chromium, settle, wait_text
-from hostile_inputs import decodable_images, hostile_zips, refused_images
 
 pytestmark = pytest.mark.browser
 SLOW = 300  # seconds for anything that waits on the server (the test machine is shared)

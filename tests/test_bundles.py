@@ -15,17 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from toast_core.bundles import (
+from toast_core.frontends.cli import backbone_from_spec
+from toast_core.runs import RunConfig, RunManager
+from toast_core.runs.registry import list_runs, read_run
+from toast_core.storage.bundles import (
     BundleError,
     export_bundle,
     history_csv,
     import_bundle,
     parse_history_csv,
 )
-from toast_core.checkpoints import load_module
-from toast_core.cli import backbone_from_spec
-from toast_core.runs import RunConfig, RunManager
-from toast_core.runs.registry import list_runs, read_run
+from toast_core.storage.checkpoints import load_module
 
 
 def train_tiny_run(root: Path, backbone, method: str = "lora") -> str:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from toast_core.backbone import tiny_fixture_backbone
-from toast_core.checkpoints import (
+from toast_core.core.backbone import tiny_fixture_backbone
+from toast_core.methods import build_method
+from toast_core.storage.checkpoints import (
     FORMAT_VERSION,
     CheckpointError,
     load_module,
@@ -19,7 +20,6 @@ from toast_core.checkpoints import (
     read_card,
     save_module,
 )
-from toast_core.methods import build_method
 
 CLASSES = 3
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from toast_core import cli
+from toast_core.frontends import cli
 from toast_core.runs.registry import list_runs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,7 +197,7 @@ def test_subprocess_exit_codes_and_clean_errors(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (REPO / "checkpoints" / "embedded_vit.safetensors").is_file(), reason="no embedded checkpoint")
 def test_compare_on_the_embedded_backbone_names_its_classes(tmp_path, capsys):
-    from toast_core.backbone import load_backbone
+    from toast_core.core.backbone import load_backbone
 
     names = load_backbone("embedded", device="cpu").class_names
     code, out, err = run_cli(capsys, "compare", "scene:stars:test:3", "--runs", "base", "--view", "gradcam",

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from toast_core import cli
+from toast_core.frontends import cli
 from toast_core.runs import RunManager
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toast_core import device as dev
-from toast_core.device import pick_device
+from toast_core.core import device as dev
+from toast_core.core.device import pick_device
 
 
 def _expected_auto() -> torch.device:

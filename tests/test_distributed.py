@@ -1,4 +1,4 @@
-"""Distributed training (toast_core.distributed): the pieces alone, and N torchrun processes = 1."""
+"""Distributed training (toast_core.training.distributed): the pieces alone, and N torchrun processes = 1."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from toast_core import distributed
+from toast_core.training import distributed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,8 +82,7 @@ def _status(runs_dir: Path, run_id: str) -> dict:
 
 
 def _launch(runs_dir: Path, steps: int):
-    from toast_core.runs import RunConfig
-    from toast_core.runs import torchrun
+    from toast_core.runs import RunConfig, torchrun
 
     config = RunConfig(method="lora", task="stars", per_class=4, val_per_class=2, device="cpu", seed=1,
                        snapshot_every=0, checkpoint_every=0,

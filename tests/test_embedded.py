@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from toast_core.backbone import EMBEDDED_CARD, load_backbone
+from toast_core.core.backbone import EMBEDDED_CARD, load_backbone
 from toast_core.data.scenes import DATA_VERSION, SOURCE_CLASSES
-from toast_core.eval_backbone import source_quality
+from toast_core.training.eval_backbone import source_quality
 
 pytestmark = pytest.mark.slow
 

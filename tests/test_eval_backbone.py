@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from toast_core.backbone import tiny_fixture_backbone
-from toast_core.eval_backbone import quality_figure
+from toast_core.core.backbone import tiny_fixture_backbone
+from toast_core.training.eval_backbone import quality_figure
 from toast_core.views import focus_summary
 
 

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from toast_core import views as V
-from toast_core.backbone import Backbone, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, tiny_fixture_backbone
+from toast_core.core.forward import Capture, keep_patches, steered_forward
 from toast_core.data.base import LabeledImages
-from toast_core.forward import Capture, keep_patches, steered_forward
 from toast_core.methods import build_method, method_names
 from toast_core.methods.base import SteeringMethod
 
@@ -227,7 +227,7 @@ def test_faithfulness_summary_over_a_data_set() -> None:
 
 
 def test_cli_eval_reports_deletion_aucs_with_intervals(tmp_path, capsys) -> None:
-    from toast_core import cli
+    from toast_core.frontends import cli
     from toast_core.runs.registry import list_runs
 
     fix = ["--backbone", "fixture", "--runs-dir", str(tmp_path)]

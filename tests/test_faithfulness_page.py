@@ -24,9 +24,8 @@ def _faith_table(at):
 def test_faithfulness_tab_shows_curves_and_aucs_beside_focus() -> None:
     from streamlit.testing.v1 import AppTest
 
-    from toast_core import compare
-    from toast_core.app_state import session
-    from toast_core.views import cls_view, deletion_curves
+    from toast_core.frontends.app_state import session
+    from toast_core.views import cls_view, compare, deletion_curves
 
     at = AppTest.from_file(str(ROOT / "pages/explorer.py"), default_timeout=TIMEOUT).run()
     assert not at.exception
@@ -59,7 +58,7 @@ def test_faithfulness_tab_shows_curves_and_aucs_beside_focus() -> None:
 def test_benchmark_page_measures_faithfulness_of_a_finished_run() -> None:
     from streamlit.testing.v1 import AppTest
 
-    from toast_core import app_state as S
+    from toast_core.frontends import app_state as S
 
     manager = S.run_manager(S.spec_from_env())
     run_id = manager.submit(
@@ -82,13 +81,19 @@ def test_benchmark_page_measures_faithfulness_of_a_finished_run() -> None:
 
 
 def test_gradio_table_has_the_deletion_aucs_of_each_shown_map(tmp_path: Path) -> None:
-    from toast_core import cli
-    from toast_core.cli import backbone_from_spec
-    from toast_core.compare import load_module_ref, model_input
     from toast_core.data.images import load_image
-    from toast_core.gradio_app import FAITH_STEPS, TABLE_HEADERS, DemoContext, run_comparison, write_examples
+    from toast_core.frontends import cli
+    from toast_core.frontends.cli import backbone_from_spec
+    from toast_core.frontends.gradio_app import (
+        FAITH_STEPS,
+        TABLE_HEADERS,
+        DemoContext,
+        run_comparison,
+        write_examples,
+    )
     from toast_core.runs.registry import list_runs
     from toast_core.views import cls_view, deletion_curves
+    from toast_core.views.compare import load_module_ref, model_input
 
     assert cli.main(["train", "--method", "linear", "--task", "stars", "--per-class", "1", "--val-per-class", "0",
                      "--steps", "2", "--batch-size", "4", "--threads", "1", "--quiet", "--backbone", "fixture",

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from toast_core import cli
-from toast_core.backbone import tiny_fixture_backbone
-from toast_core.cli_common import FIXTURE_KWARGS
+from toast_core.core.backbone import tiny_fixture_backbone
+from toast_core.frontends import cli
+from toast_core.frontends.cli_common import FIXTURE_KWARGS
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = ["--backbone", "fixture"]
@@ -87,7 +87,7 @@ def _other_run(root: Path, capsys) -> tuple[str, dict[str, tuple[str, int]]]:
 
 
 def _gradio_offers(root: Path) -> set[str]:
-    from toast_core.gradio_app import DemoContext
+    from toast_core.frontends.gradio_app import DemoContext
 
     return {value for _, value in DemoContext(fixture(), root).choices()}
 

@@ -7,12 +7,12 @@ import logging
 import pytest
 import torch
 
-from toast_core.backbone import tiny_fixture_backbone
+from toast_core.core.backbone import tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
-from toast_core.feature_cache import FrozenCache, plan_cache
 from toast_core.methods import build_method
 from toast_core.methods.linear import LinearProbe
-from toast_core.train import TrainConfig, prepare_batch, train
+from toast_core.training.feature_cache import FrozenCache, plan_cache
+from toast_core.training.train import TrainConfig, prepare_batch, train
 
 CLASSES = 3
 
@@ -138,7 +138,7 @@ def test_a_full_cache_recomputes_the_rest_and_says_so(fixture_backbone, data, ca
         t[0].numel() * 4 for t in probe.frozen_stage(prepare_batch(probe, data.images[:1])).values()
     )
     mb = 6 * row_bytes / 2**20  # room for 6 of the 20 images
-    with caplog.at_level(logging.WARNING, logger="toast_core.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="toast_core.training.feature_cache"):
         bounded, res_b = _run(fixture_backbone, "toast", {"init": "scratch"}, data, cache_mb=mb)
     plain, _ = _run(fixture_backbone, "toast", {"init": "scratch"}, data, cache_mb=0)
     stats = res_b.cache

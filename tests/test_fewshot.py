@@ -16,18 +16,18 @@ import pytest
 import torch
 
 from benchmarks import fewshot as bench
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.data.episodes import sample_episode
-from toast_core.fewshot import (
+from toast_core.methods import build_method
+from toast_core.methods.fort import position_importance
+from toast_core.training.fewshot import (
     EpisodeCache,
     FewShotConfig,
     MethodSpec,
     run_episode,
     tune_episode,
 )
-from toast_core.methods import build_method
-from toast_core.methods.fort import position_importance
-from toast_core.train import TrainConfig, train
+from toast_core.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

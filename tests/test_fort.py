@@ -14,17 +14,9 @@ import pytest
 import torch
 from data_factory import squares, support_set
 
-from toast_core.backbone import Backbone, tiny_fixture_backbone
+from toast_core.core.backbone import Backbone, tiny_fixture_backbone
+from toast_core.core.forward import Capture, steered_forward
 from toast_core.data.base import LabeledImages
-from toast_core.fewshot import (
-    FewShotConfig,
-    MethodSpec,
-    evaluate_fewshot,
-    mean_ci95,
-    official_n_way,
-    paired_difference,
-)
-from toast_core.forward import Capture, steered_forward
 from toast_core.methods import build_method, config_for
 from toast_core.methods.fort import (
     FortLoRA,
@@ -34,7 +26,15 @@ from toast_core.methods.fort import (
     prompt_targets,
     ridge_head,
 )
-from toast_core.train import TrainConfig, prepare_batch, train
+from toast_core.training.fewshot import (
+    FewShotConfig,
+    MethodSpec,
+    evaluate_fewshot,
+    mean_ci95,
+    official_n_way,
+    paired_difference,
+)
+from toast_core.training.train import TrainConfig, prepare_batch, train
 from toast_core.views import focus_share
 
 
@@ -147,7 +147,7 @@ def test_prompts_on_single_object_scenes_with_the_embedded_backbone() -> None:
     the image (5.3x); the earlier, weaker backbone gave 0.44. The controlled test above checks the
     "most of the mass" case; here the bar is a clear multiple of chance.
     """
-    from toast_core.backbone import load_backbone
+    from toast_core.core.backbone import load_backbone
     from toast_core.data.scenes import SOURCE_CLASSES, render_scene
 
     bk = load_backbone("embedded", device="cpu")

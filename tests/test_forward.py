@@ -14,7 +14,7 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from toast_core.forward import (
+from toast_core.core.forward import (
     Capture,
     Steer,
     SteeredOutput,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from toast_core.cli import backbone_from_spec
-from toast_core.gradio_app import DemoContext, build_demo, launch, run_comparison, write_examples
+from toast_core.frontends.cli import backbone_from_spec
+from toast_core.frontends.gradio_app import DemoContext, build_demo, launch, run_comparison, write_examples
 from toast_core.runs import RunConfig, RunManager
 
 gradio = pytest.importorskip("gradio")

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hostile_inputs import decodable_images, hostile_zips, refused_images, write_images, write_zips
 from PIL import Image
 
-from hostile_inputs import decodable_images, hostile_zips, refused_images, write_images, write_zips
-from toast_core import cli
-from toast_core.backbone import tiny_fixture_backbone
-from toast_core.bundles import BundleError, import_bundle
+from toast_core.core.backbone import tiny_fixture_backbone
+from toast_core.frontends import cli
+from toast_core.storage.bundles import BundleError, import_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = ["--backbone", "fixture", "--threads", "1"]

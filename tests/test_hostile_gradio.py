@@ -1,5 +1,5 @@
 """The Gradio demo over the hostile set, as a user's browser reaches it: a real server process
-(`python -m toast_core.gradio_app`), called with gradio_client. Every refusal is the library's message
+(`python -m toast_core.frontends.gradio_app`), called with gradio_client. Every refusal is the library's message
 naming the cause, the odd pictures are compared at their decoded size, and the server log has one
 line per refusal and no traceback."""
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hostile_inputs import decodable_images, refused_images, write_images
 
 from benchmarks.servers import GradioServer
-from hostile_inputs import decodable_images, refused_images, write_images
 
 gradio_client = pytest.importorskip("gradio_client")
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 from data_factory import rgb_squares
 
-from toast_core.backbone import tiny_fixture_backbone
-from toast_core.checkpoints import load_module, save_module
-from toast_core.forward import Capture
+from toast_core.core.backbone import tiny_fixture_backbone
+from toast_core.core.forward import Capture
 from toast_core.methods import (
     REGISTRY,
     UnknownMethod,
@@ -25,7 +24,8 @@ from toast_core.methods import (
 from toast_core.methods.lora import LoRAConfig
 from toast_core.methods.visual_prompt import padding_count
 from toast_core.methods.vpt import prompt_init_bound
-from toast_core.train import TrainConfig, prepare_batch, train
+from toast_core.storage.checkpoints import load_module, save_module
+from toast_core.training.train import TrainConfig, prepare_batch, train
 
 BASIC = ("linear", "full", "bitfit", "lora", "vpt", "visual_prompt")
 D, DEPTH, CLASSES, HIDDEN = 32, 2, 3, 128

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from toast_core.backbone import build_vit
-from toast_core.pretrain import _SourceBatches, mean_average_precision, patch_targets, pretrain_loss
+from toast_core.core.backbone import build_vit
+from toast_core.training.pretrain import _SourceBatches, mean_average_precision, patch_targets, pretrain_loss
 
 
 def test_patch_targets_are_the_class_mix_of_each_patch() -> None:

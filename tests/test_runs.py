@@ -18,7 +18,7 @@ from toast_core.methods import build_method
 from toast_core.methods.fort import FortMixin
 from toast_core.runs import RunConfig, RunError, RunManager, devices, execute, listener, owners, parse_task
 from toast_core.runs.execute import Executor
-from toast_core.train import TrainConfig, cls_attention_grid, evaluate, lr_at, train
+from toast_core.training.train import TrainConfig, cls_attention_grid, evaluate, lr_at, train
 
 WAIT_S = 60.0
 

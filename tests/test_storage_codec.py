@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import toast_core.storage_codec as codec
-from toast_core.backbone import tiny_fixture_backbone
-from toast_core.checkpoints import CheckpointError, load_module, save_module
+import toast_core.storage.storage_codec as codec
+from toast_core.core.backbone import tiny_fixture_backbone
 from toast_core.methods import build_method
+from toast_core.storage.checkpoints import CheckpointError, load_module, save_module
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -79,7 +79,7 @@ def test_a_compact_checkpoint_is_smaller_and_loads_what_was_encoded(tmp_path, mo
 
 def _rewrite(card_path, tensors):
     """Replace a checkpoint's tensors and re-stamp the card's hash (a well-formed but wrong file)."""
-    from toast_core.checkpoints import _sha256
+    from toast_core.storage.checkpoints import _sha256
 
     weights = card_path.with_suffix(".safetensors")
     save_file(tensors, str(weights))

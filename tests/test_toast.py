@@ -1,7 +1,7 @@
 """TOAST: selection, feedback, pass 2, variants, variational loss, counts and the official importer.
 
 The reference forward below is written from the formulas (methods.md §5) on timm's own modules with
-explicit softmax attention, independently of toast_core.forward, the way the released code computes.
+explicit softmax attention, independently of toast_core.core.forward, the way the released code computes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toast_core.backbone import Backbone, freeze, tiny_fixture_backbone, token_layout
-from toast_core.forward import Capture, Steer, pool, steered_forward
+from toast_core.core.backbone import Backbone, freeze, tiny_fixture_backbone, token_layout
+from toast_core.core.forward import Capture, Steer, pool, steered_forward
 from toast_core.methods.toast import Toast, ToastConfig, ToastLite, ToastLiteConfig
 from toast_core.methods.toast_import import (
     OfficialImportError,
@@ -474,9 +474,9 @@ def test_training_lowers_loss_and_changes_only_trainables(lite: bool) -> None:
 
 
 def test_pretuning_through_the_project_training_loop() -> None:
-    """Stage 1 as toast_core.pretune runs it: task loss on pass 2 + the variational loss, P fixed."""
+    """Stage 1 as toast_core.training.pretune runs it: task loss on pass 2 + the variational loss, P fixed."""
     from toast_core.data.base import LabeledImages
-    from toast_core.train import TrainConfig, train
+    from toast_core.training.train import TrainConfig, train
 
     bb = tiny_fixture_backbone(depth=DEPTH)
     gen = torch.Generator().manual_seed(3)

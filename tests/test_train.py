@@ -10,11 +10,11 @@ import pytest
 import torch
 from data_factory import rgb_squares
 
+from toast_core.core.forward import Capture
 from toast_core.data.base import LabeledImages
-from toast_core.forward import Capture
 from toast_core.methods import build_method
 from toast_core.methods.base import MethodOutput, SteeringMethod
-from toast_core.train import (
+from toast_core.training.train import (
     Callbacks,
     TrainConfig,
     _EpochSampler,
@@ -305,7 +305,7 @@ def test_config_and_device_checks(fixture_backbone, data):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_on_cuda(amp, data):
-    from toast_core.backbone import tiny_fixture_backbone
+    from toast_core.core.backbone import tiny_fixture_backbone
 
     backbone = tiny_fixture_backbone(device="cuda")
     method = build_method("lora", backbone, CLASSES)

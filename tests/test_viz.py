@@ -8,10 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from toast_core import viz
-from toast_core.backbone import tiny_fixture_backbone
+from toast_core.core.backbone import tiny_fixture_backbone
 from toast_core.methods.base import SteeringMethod
-from toast_core.views import AttentionView, cls_view
+from toast_core.views import AttentionView, cls_view, viz
 
 H, W = 100, 150  # original image; the model sees 32 × 32 (4 × 4 patches of 8 px)
 SQUARE = (slice(28, 47), slice(80, 108))  # inside patch (1, 2): rows 25..50, cols 75..112.5
@@ -166,7 +165,7 @@ def test_box_picker_maps_image_pixels_to_axis_units() -> None:
 
 
 def test_focus_region_is_drawn_on_every_overlay() -> None:
-    from toast_core.compare import BOX_COLOUR, ModuleView, overlay_tiles
+    from toast_core.views.compare import BOX_COLOUR, ModuleView, overlay_tiles
 
     rgb = np.zeros((64, 64, 3), np.uint8)
     view = AttentionView("cls", np.zeros((1, 4, 4), np.float32), None, "mean", "m", np.zeros(1, int), np.ones(1))

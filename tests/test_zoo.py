@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from toast_core.backbone import tiny_fixture_backbone
-from toast_core.checkpoints import load_module, save_module
+from toast_core.core.backbone import tiny_fixture_backbone
+from toast_core.core.stats import bootstrap_interval, ratio_of_means, wilson_interval
 from toast_core.methods import build_method, method_names
-from toast_core.recipes import RECIPES, TEST_PER_CLASS, default_for, recipe
-from toast_core.stats import bootstrap_interval, ratio_of_means, wilson_interval
+from toast_core.storage.checkpoints import load_module, save_module
+from toast_core.training.recipes import RECIPES, TEST_PER_CLASS, default_for, recipe
+from toast_core.training.zoo.build import ZOO_DIR, build, round_to_storage
+from toast_core.training.zoo.catalog import find_entry, first_view, load_entry, zoo_entries
+from toast_core.training.zoo.verify import result_line, verify
 from toast_core.views.objects import focus_report
-from toast_core.zoo.build import ZOO_DIR, build, round_to_storage
-from toast_core.zoo.catalog import find_entry, first_view, load_entry, zoo_entries
-from toast_core.zoo.verify import result_line, verify
 
 SMOKE_ENTRIES = ("linear", "lora", "full", "fewshot_lora_fort", "transfer_copy")
 
@@ -92,7 +92,7 @@ def test_build_is_deterministic_and_keeps_current_cards(smoke_zoo, backbone, tmp
 def test_a_card_with_older_scores_is_rescored_without_retraining(smoke_zoo, backbone, tmp_path):
     import shutil
 
-    import toast_core.zoo.build as zb
+    import toast_core.training.zoo.build as zb
 
     root, _ = smoke_zoo
     shutil.copytree(root, tmp_path / "zoo")
@@ -113,7 +113,7 @@ def test_a_card_with_older_scores_is_rescored_without_retraining(smoke_zoo, back
 
 
 def test_a_rewritten_card_must_keep_its_weights_hash(smoke_zoo, tmp_path):
-    from toast_core.checkpoints import CheckpointError, rewrite_card
+    from toast_core.storage.checkpoints import CheckpointError, rewrite_card
 
     root, _ = smoke_zoo
     card = json.loads((root / "stars" / "lora.json").read_text())
@@ -151,8 +151,8 @@ def test_smoke_build_never_writes_the_shipped_zoo(backbone):
 
 def test_large_modules_are_scored_as_stored(backbone, tmp_path, monkeypatch):
     """The zoo scores a large module after its storage round trip: what it scored is what loads."""
-    import toast_core.storage_codec as codec
-    import toast_core.zoo.build as zb
+    import toast_core.storage.storage_codec as codec
+    import toast_core.training.zoo.build as zb
 
     small = build_method("lora", backbone, 3)
     assert round_to_storage(small) == "float32"
@@ -246,10 +246,10 @@ def test_task_split_carries_every_objects_mask():
 
 
 def test_presets_are_picked_by_rule_and_stored(smoke_zoo, backbone):
-    from toast_core.zoo.presets import pick_presets, read_presets, write_presets
+    from toast_core.training.zoo.presets import pick_presets, read_presets, write_presets
 
     root, _ = smoke_zoo
-    from toast_core.zoo.presets import _scores
+    from toast_core.training.zoo.presets import _scores
 
     picked = pick_presets(backbone, "stars", root)
     scores, _ = _scores(backbone, "stars", root)
@@ -276,7 +276,7 @@ def test_mixed_scenes_hold_a_star_and_a_digit_with_their_masks():
 
 
 def test_task_switch_is_zero_for_the_linear_probe(tmp_path, backbone):
-    from toast_core.zoo.task_switch import task_switch
+    from toast_core.training.zoo.task_switch import task_switch
 
     build(["stars", "glyphs"], ("linear", "lora"), root=tmp_path, backbone=backbone, smoke=True, threads=1,
           log=lambda _: None)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from toast_core.recipes import RECIPES
-from toast_core.zoo.build import ZOO_DIR
-from toast_core.zoo.catalog import FIRST_VIEW, zoo_entries
+from toast_core.training.recipes import RECIPES
+from toast_core.training.zoo.build import ZOO_DIR
+from toast_core.training.zoo.catalog import FIRST_VIEW, zoo_entries
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ SLOW = 300
 
 @pytest.fixture(scope="module")
 def embedded():
-    from toast_core.backbone import load_backbone
+    from toast_core.core.backbone import load_backbone
 
     return load_backbone("embedded")
 
@@ -47,8 +47,8 @@ def test_the_zoo_is_shipped_for_both_tasks_within_its_size_budget(embedded):
 
 
 def test_every_zoo_module_rescores_as_its_card_says(embedded):
-    from toast_core.zoo.catalog import first_view
-    from toast_core.zoo.verify import verify
+    from toast_core.training.zoo.catalog import first_view
+    from toast_core.training.zoo.verify import verify
 
     summary = verify(embedded, ZOO_DIR, log=lambda _: None)  # every module: reload and re-score
     assert summary["max_card_drift"] <= 0.02, [r for r in summary["rows"] if r["drift"] > 0.02]

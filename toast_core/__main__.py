@@ -1,8 +1,8 @@
-"""`python -m toast_core <command> ...` — see toast_core/cli.py."""
+"""`python -m toast_core <command> ...` — see toast_core/frontends/cli.py."""
 
 import sys
 
-from toast_core.cli import main
+from toast_core.frontends.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

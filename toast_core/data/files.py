@@ -132,7 +132,7 @@ class FileBatches:
     4 batches per worker ahead of the step.
     """
 
-    rank_aware = True  # toast_core.distributed passes its batches through unsliced
+    rank_aware = True  # toast_core.training.distributed passes its batches through unsliced
 
     def __init__(self, files: FileSet):
         self.files = files
@@ -141,8 +141,8 @@ class FileBatches:
         self._batch_size = 0
 
     def _indices(self, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
-        from toast_core import distributed
-        from toast_core.train import _EpochSampler  # the loop's sampler: the same order as in memory
+        from toast_core.training import distributed
+        from toast_core.training.train import _EpochSampler  # the loop's sampler: the same order as in memory
 
         sampler = _EpochSampler(len(self.files), generator)
         world = distributed.current()

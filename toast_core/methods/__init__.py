@@ -11,7 +11,7 @@ import dataclasses
 import importlib
 from typing import Any
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.methods.base import MethodConfig, MethodOutput, SteeringMethod
 
 #: one line per method: "module:Class" (the class's `name` is its registry key)

@@ -27,7 +27,7 @@ from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from toast_core.forward import (
+from toast_core.core.forward import (
     NOTHING,
     Capture,
     UnsupportedBackbone,

@@ -15,8 +15,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from toast_core.backbone import Backbone, TokenLayout
-from toast_core.forward import NOTHING, Capture, Steer, SteeredOutput, pool, steered_forward
+from toast_core.core.backbone import Backbone, TokenLayout
+from toast_core.core.forward import NOTHING, Capture, Steer, SteeredOutput, pool, steered_forward
 
 
 @dataclass
@@ -59,7 +59,7 @@ class SteeringMethod(nn.Module, Steer):
     #: attention views this method can show beyond the common ones (e.g. "toast_pass1", "selection")
     extra_views: ClassVar[tuple[str, ...]] = ()
     #: the part of the training forward that reads only the frozen backbone, so a run may compute it
-    #: once per image and cache it (toast_core.feature_cache): "features" = all of it up to the pooled
+    #: once per image and cache it (toast_core.training.feature_cache): "features" = all of it up to the pooled
     #: feature (the head alone trains), "pass1" = a first pass (TOAST); None = nothing is frozen
     frozen_stage_kind: ClassVar[str | None] = None
 
@@ -110,7 +110,7 @@ class SteeringMethod(nn.Module, Steer):
         """What the training step must capture for `extra_losses`."""
         return NOTHING
 
-    # --- the frozen stage (per-run cache; see toast_core.feature_cache) -----------------------
+    # --- the frozen stage (per-run cache; see toast_core.training.feature_cache) --------------
     def frozen_stage_signature(self) -> str:
         """What the frozen stage's rows depend on besides the backbone and the image."""
         return str(self.frozen_stage_kind)

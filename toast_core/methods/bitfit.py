@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toast_core.forward import NOTHING, Capture, pool, steered_forward
+from toast_core.core.forward import NOTHING, Capture, pool, steered_forward
 from toast_core.methods.base import MethodConfig, MethodOutput, SteeringMethod
 
 

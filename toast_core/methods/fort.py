@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from toast_core.core.forward import NOTHING, Capture, resolve_layers
 from toast_core.data.base import LabeledImages
-from toast_core.forward import NOTHING, Capture, resolve_layers
 from toast_core.methods.base import MethodConfig, MethodOutput, SteeringMethod
 from toast_core.methods.bitfit import BitFit, BitFitConfig
 from toast_core.methods.full import FullConfig, FullFineTune
@@ -284,7 +284,7 @@ class FortMixin:
 
         Returns the prompts as a (S, gh, gw) grid. Call before `train(method, support, ...)`.
         """
-        from toast_core.train import prepare_batch  # train imports the method base; import late
+        from toast_core.training.train import prepare_batch  # train imports the method base; import late
 
         if isinstance(support, LabeledImages):
             images, labels = support.images, support.labels

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from toast_core.backbone import Backbone
-from toast_core.forward import (
+from toast_core.core.backbone import Backbone
+from toast_core.core.forward import (
     NOTHING,
     Capture,
     Steer,
@@ -171,7 +171,7 @@ class Toast(SteeringMethod):
             if mode == "pretuned":
                 raise ValueError(
                     "No pre-tuned TOAST module for this backbone (hash "
-                    f"{self.backbone.weights_hash}); run `python -m toast_core.pretune` or use init='scratch'."
+                    f"{self.backbone.weights_hash}); run `python -m toast_core.training.pretune` or use init='scratch'."
                 )
             return "scratch (no pre-tuned module for this backbone)"
         self.load_pretuned(load_file(str(weights)))

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.methods.toast import Toast, ToastConfig, ToastLite, ToastLiteConfig
 
 WRAPPER_KEYS = ("model_state_dict", "model", "state_dict", "module")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from toast_core.methods import UnknownMethod, config_for, method_names
-from toast_core.train import TrainConfig
+from toast_core.training.train import TrainConfig
 
 FOLDER_PREFIX = "folder:"
 EPISODE_PREFIX = "episode:"

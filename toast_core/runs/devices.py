@@ -10,7 +10,7 @@ import threading
 
 import torch
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 
 
 def _cpu_cores() -> int:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from toast_core.backbone import Backbone
-from toast_core.checkpoints import CheckpointError, load_module, paths_for, save_module
+from toast_core.core.backbone import Backbone
+from toast_core.storage.checkpoints import CheckpointError, load_module, paths_for, save_module
 from toast_core.data.base import LabeledImages
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
@@ -19,7 +19,7 @@ from toast_core.methods.fort import FortMixin
 from toast_core.runs.listener import _Listener
 from toast_core.runs.record import CHECKPOINT_STEM, MODULE_STEM, _clean, _now, _Record
 from toast_core.runs.tasks import load_task_data
-from toast_core.train import TrainConfig, TrainResult, cls_attention_grid, lr_at, train
+from toast_core.training.train import TrainConfig, TrainResult, cls_attention_grid, lr_at, train
 
 if TYPE_CHECKING:
     from toast_core.runs.manager import RunManager

@@ -3,7 +3,7 @@
 Under `torchrun ... -m toast_core train ...` rank 0 runs the ordinary RunManager path (record,
 snapshots, checkpoints, final module in the registry); every other rank calls `follow`, which builds
 what `execute.Executor` builds for a fresh run (task data, the method under the run's seed, FORT
-prompts) and trains through the same `train.train`, whose collectives (toast_core.distributed)
+prompts) and trains through the same `train.train`, whose collectives (toast_core.training.distributed)
 pair with rank 0's step by step. Rank 0's module is broadcast at the start, so a follower needs no
 checkpoint; it has no callbacks and no probe image, so it writes nothing anywhere.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from toast_core.backbone import Backbone
+from toast_core.core.backbone import Backbone
 from toast_core.methods import build_method
 from toast_core.methods.fort import FortMixin
 from toast_core.runs.config import RunConfig
 from toast_core.runs.tasks import load_task_data
-from toast_core.train import TrainResult, train
+from toast_core.training.train import TrainResult, train
 
 
 def follow(config: RunConfig, backbone: Backbone, device: str, threads: int | None = None) -> TrainResult:

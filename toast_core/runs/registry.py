@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from toast_core.backbone import Backbone
-from toast_core.checkpoints import CheckpointError, _atomic_write, paths_for, read_card, save_module
+from toast_core.core.backbone import Backbone
+from toast_core.storage.checkpoints import CheckpointError, _atomic_write, paths_for, read_card, save_module
 from toast_core.methods.base import SteeringMethod
 from toast_core.runs.config import RunConfig
 from toast_core.runs.owners import _LIVE_REGISTRIES, live_registry, owner_stamp, running_elsewhere

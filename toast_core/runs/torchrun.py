@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from toast_core import distributed
+from toast_core.training import distributed
 from toast_core.runs.config import RunConfig
 
 def gpu_count() -> int:

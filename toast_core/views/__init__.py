@@ -10,6 +10,8 @@ One job per module, read in this order:
 - `registry`: views by name (`compute_view`) and differences between two modules;
 - `focus`: focus metrics against a mask or box (`focus_summary` is what every table reports).
 Import from `toast_core.views`; the submodules are where to read (and where a new view goes).
+Over the views, imported as submodules (not re-exported here): `viz` renders them (overlays, figures,
+CSV) and `compare` is the page-facing comparison API (every chosen module's view of one image).
 """
 
 from toast_core.views.base import AttentionView, HeadSpec, ViewUnavailable, method_label, patch_start

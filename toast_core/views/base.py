@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from toast_core.forward import Capture, SteeredOutput
+from toast_core.core.forward import Capture, SteeredOutput
 
 if TYPE_CHECKING:  # importing the method package here would make methods (FORT) unable to import us
     from toast_core.methods.base import MethodOutput, SteeringMethod

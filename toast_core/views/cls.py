@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from toast_core.forward import Capture, resolve_layers
+from toast_core.core.forward import Capture, resolve_layers
 from toast_core.views.base import (
     AttentionView,
     HeadSpec,

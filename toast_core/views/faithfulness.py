@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from toast_core.core.forward import keep_patches
+from toast_core.core.stats import bootstrap_interval
 from toast_core.data.base import LabeledImages, to_model_input
-from toast_core.forward import keep_patches
-from toast_core.stats import bootstrap_interval
 from toast_core.views.base import _device, _eval_mode, method_label
 from toast_core.views.registry import compute_view
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from toast_core.forward import Capture, pool, steered_forward
+from toast_core.core.forward import Capture, pool, steered_forward
 from toast_core.views.base import (
     AttentionView,
     ViewUnavailable,

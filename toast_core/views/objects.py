@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from toast_core.stats import bootstrap_interval, ratio_of_means
+from toast_core.core.stats import bootstrap_interval, ratio_of_means
 from toast_core.views.base import AttentionView
 from toast_core.views.focus import Region, _map_and_weights, region_to_grid
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from toast_core.forward import Capture
+from toast_core.core.forward import Capture
 from toast_core.views.base import (
     AttentionView,
     ViewUnavailable,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from toast_core.forward import Capture, SteeredOutput, steered_forward
+from toast_core.core.forward import Capture, SteeredOutput, steered_forward
 from toast_core.views.base import (
     AttentionView,
     HeadSpec,
