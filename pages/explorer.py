@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 
 from toast_core.data.images import ImageInputError
+from toast_core.data.mixed import MIXED_DESCRIPTION, MIXED_TASK
 from toast_core.data.scenes import SPLITS, TASKS
 from toast_core.frontends import app_state as S
 from toast_core.views import compare
@@ -40,11 +41,16 @@ def pick_image(size: int) -> S.ImageChoice | None:
     source = st.radio("Image", SOURCES, key="ex_source", horizontal=True)
     if source == SOURCES[0]:
         c1, c2 = st.columns(2)
-        task = c1.selectbox("Task", list(TASKS), key="ex_task")
-        split = c2.selectbox("Split", list(SPLITS), index=2, key="ex_split")
+        task = c1.selectbox("Task", [*TASKS, MIXED_TASK], key="ex_task",
+                            format_func=lambda t: "mixed: one star + one digit" if t == MIXED_TASK else t)
+        mixed = task == MIXED_TASK
+        if mixed:  # a test set only: the split is fixed, and the focus region is one of the two objects
+            st.session_state["ex_split"] = "test"
+        split = c2.selectbox("Split", list(SPLITS), index=2, key="ex_split", disabled=mixed)
         index = st.number_input("Scene index", 0, 9999, 0, key="ex_index")
-        st.caption(TASKS[task].description)
-        return S.scene_image(task, split, int(index), size)
+        focus = st.radio("Focus region", ("star", "digit"), horizontal=True, key="ex_mixed_focus") if mixed else "star"
+        st.caption(MIXED_DESCRIPTION if mixed else TASKS[task].description)
+        return S.scene_image(task, split, int(index), size, focus)
     # no `type=` filter: the browser would refuse other extensions with Streamlit's own message;
     # every file reaches the library's decoder, which says what is wrong with it
     upload = st.file_uploader(
@@ -69,7 +75,8 @@ def pick_modules(backbone, task: str) -> list[str]:
     done = S.finished_runs(manager, backbone)
     shipped = S.shipped_modules(backbone)
     zoo = S.zoo_modules(backbone)
-    this_task = S.zoo_modules(backbone, task)
+    # a mixed scene compares each method's stars module with its glyphs module
+    this_task = zoo if task == MIXED_TASK else S.zoo_modules(backbone, task)
     options = (
         [S.BASE_KEY] + list(this_task) + [r.run_id for r in done] + list(shipped)
         + [k for k in zoo if k not in this_task]
@@ -87,6 +94,9 @@ def pick_modules(backbone, task: str) -> list[str]:
     )
     if not zoo and len(options) == 1 + len(shipped):
         st.caption("Only the base backbone so far: train modules in the Tuning Lab to compare them here.")
+    elif task == MIXED_TASK:
+        st.caption("Each method's **stars** module beside its **glyphs** module on the same image: does its "
+                   "attention move from the star to the digit with the task?")
     elif this_task:
         st.caption(f"Zoo modules were trained on **{task}**; their predictions name {task} classes.")
     return [k for k in chosen if k in labels]

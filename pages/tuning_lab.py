@@ -189,7 +189,7 @@ def new_run_form(backbone, manager) -> None:
                 manager, method=method, method_config={**settings, "seed": int(seed)}, name=name.strip() or None,
                 train={"steps": int(steps), "batch_size": int(batch), "lr": float(lr), "eval_every": int(eval_every),
                        "weight_decay": float(d["weight_decay"]), "warmup_steps": int(d["warmup_steps"]),
-                       **({"min_lr": d["min_lr"]} if d["recipe"] else {})},
+                       **d["recipe_train"]},
                 device="cuda" if processes > 1 else device, seed=int(seed), snapshot_every=int(snap_every),
                 processes=processes, **(data or {}),
             )

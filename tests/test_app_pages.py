@@ -137,6 +137,22 @@ def test_explorer_compares_on_a_builtin_scene_with_its_mask() -> None:
     assert any("needs a trained head" in w for w in texts(at.warning))
 
 
+def test_explorer_mixed_scene_fixes_the_split_and_scores_the_chosen_object() -> None:
+    """Task 'mixed' (one star + one digit): a test set only, so the split is fixed; the focus radio
+    says which of the two objects the Focus table scores."""
+    at = page("pages/explorer.py").run()
+    at.selectbox(key="ex_split").set_value("train").run()
+    at.selectbox(key="ex_task").set_value("mixed").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="ex_split").value == "test" and at.selectbox(key="ex_split").disabled
+    assert any("Compared 1 module on mixed/test/0" in c for c in texts(at.caption))
+    on_star = float(at.dataframe[0].value["focus share"][0])
+    at.radio(key="ex_mixed_focus").set_value("digit").run()
+    assert not at.exception
+    on_digit = float(at.dataframe[0].value["focus share"][0])
+    assert on_star != on_digit and 0.0 <= min(on_star, on_digit) and max(on_star, on_digit) <= 1.0
+
+
 def test_explorer_preset_sets_scene_and_view() -> None:
     from toast_core.frontends import app_state as S
 

@@ -220,6 +220,29 @@ def test_sgd_and_grad_clip(fixture_backbone, data):
     assert sum(losses[-5:]) < 0.9 * sum(losses[:5])
 
 
+def test_head_lr_scale_multiplies_the_heads_step_and_nothing_else(fixture_backbone, data):
+    """One plain SGD step (no momentum, decay or clipping): the head moves head_lr_scale times as far
+    as at scale 1 from the same gradient, every other parameter exactly as far."""
+    steps = {}
+    for scale in (1.0, 10.0):
+        method = build_method("bitfit", fixture_backbone, CLASSES)
+        before = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
+        config = TrainConfig(steps=1, batch_size=8, lr=0.05, optimizer="sgd", momentum=0.0, grad_clip=None,
+                             head_lr_scale=scale, cache_mb=0)
+        train(method, data, None, config)
+        steps[scale] = {n: p.detach() - before[n] for n, p in method.named_parameters() if n in before}
+    head = [n for n in steps[1.0] if n.startswith("head.")]
+    rest = [n for n in steps[1.0] if not n.startswith("head.")]
+    assert head and rest
+    for n in head:
+        assert steps[1.0][n].abs().max() > 0
+        torch.testing.assert_close(steps[10.0][n], 10.0 * steps[1.0][n], rtol=1e-4, atol=1e-7)
+    for n in rest:
+        torch.testing.assert_close(steps[10.0][n], steps[1.0][n], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="head_lr_scale"):
+        TrainConfig(head_lr_scale=0.0)
+
+
 class _AuxMethod(SteeringMethod):
     """A test-only method with an extra loss that needs a capture: CLS-attention entropy."""
 

@@ -286,3 +286,41 @@ def test_task_switch_is_zero_for_the_linear_probe(tmp_path, backbone):
     r = rows["lora"]
     expected = (r["star_focus_stars"] - r["star_focus_glyphs"]) + (r["digit_focus_glyphs"] - r["digit_focus_stars"])
     assert r["switch"] == pytest.approx(expected) and r["n"] == 8
+
+
+def test_the_switch_preset_is_the_scene_where_the_top_switching_method_switches_most(tmp_path, backbone):
+    from toast_core.data.mixed import MIXED_TASK, make_mixed_split
+    from toast_core.training.zoo.presets import CANDIDATES, pick_switch_presets, read_presets, write_presets
+    from toast_core.training.zoo.task_switch import switch_scores
+
+    build(["stars", "glyphs"], ("linear", "lora", "bitfit"), root=tmp_path, backbone=backbone, smoke=True, threads=1,
+          log=lambda _: None)  # three task modules: a task's presets need at least three
+    scores = switch_scores(backbone, make_mixed_split(CANDIDATES, 0), tmp_path)
+    best = max(scores, key=lambda e: float(scores[e]["switch"].mean()))
+    (preset,) = pick_switch_presets(backbone, tmp_path)
+    assert preset.task == MIXED_TASK and preset.split == "test" and preset.view == "cls"
+    assert preset.index == int(np.argmax(scores[best]["switch"])) and best in preset.criterion
+    # writing one task's presets keeps the other task's, and the mixed preset is stored beside them
+    write_presets(backbone, ["stars"], tmp_path)
+    stars = [p for p in read_presets(backbone.weights_hash, tmp_path) if p.task == "stars"]
+    write_presets(backbone, ["glyphs"], tmp_path)
+    stored = read_presets(backbone.weights_hash, tmp_path)
+    assert [p for p in stored if p.task == "stars"] == stars and stars
+    assert any(p.task == "glyphs" for p in stored) and [p for p in stored if p.task == MIXED_TASK] == [preset]
+
+
+def test_a_mixed_scene_reference_is_the_mixed_split_with_the_chosen_focus():
+    from toast_core.data.mixed import make_mixed_split
+    from toast_core.views.compare import open_image, scene_image
+
+    d = make_mixed_split(6, 0, size=48)
+    star = scene_image("mixed", "test", 5, size=48)
+    digit = scene_image("mixed", "test", 5, size=48, focus="digit")
+    assert np.array_equal(star.rgb, d.images[5].permute(1, 2, 0).numpy()) and np.array_equal(star.rgb, digit.rgb)
+    assert np.array_equal(star.mask, d.star_masks[5].numpy()) and np.array_equal(digit.mask, d.digit_masks[5].numpy())
+    assert np.array_equal(star.objects, d.objects[5].numpy()) and "(stars)" in star.true_label
+    assert open_image("scene:mixed:test:5", size=48).name == "mixed/test/5"
+    with pytest.raises(ValueError, match="test set only"):
+        scene_image("mixed", "train", 5)
+    with pytest.raises(ValueError, match="'star' or 'digit'"):
+        scene_image("mixed", "test", 5, focus="letter")

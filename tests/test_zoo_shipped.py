@@ -55,6 +55,33 @@ def test_every_zoo_module_rescores_as_its_card_says(embedded):
     assert summary["modules"] == len(zoo_entries(embedded)) >= len(first_view(embedded, "glyphs")) >= 6
 
 
+def test_the_task_switch_preset_shows_each_methods_two_modules_on_one_mixed_scene(tmp_path):
+    """The Home page's 'One image, two tasks' preset: a mixed scene (a star and a digit), each of LoRA,
+    TOAST and the linear probe with its stars module beside its glyphs module."""
+    from streamlit.testing.v1 import AppTest
+
+    from toast_core.training.zoo.presets import read_presets
+
+    old = {k: os.environ.get(k) for k in ("TOAST_LAB_BACKBONE", "TOAST_LAB_RUNS_DIR")}
+    os.environ.update(TOAST_LAB_BACKBONE="embedded", TOAST_LAB_RUNS_DIR=str(tmp_path / "runs"))
+    try:
+        from toast_core.core.backbone import load_backbone
+
+        (preset,) = [p for p in read_presets(load_backbone("embedded").weights_hash) if p.task == "mixed"]
+        at = AppTest.from_file(str(ROOT / "pages" / "explorer.py"), default_timeout=SLOW)
+        at.session_state["explorer_preset"] = preset.key
+        at.run()
+        assert not at.exception, at.exception
+        assert at.selectbox(key="ex_task").value == "mixed" and at.number_input(key="ex_index").value == preset.index
+        chosen = at.multiselect(key="ex_modules").value
+        pairs = [f"zoo:{t}/{m}" for m in ("lora", "toast", "linear") for t in ("stars", "glyphs")]
+        assert chosen[1:] == pairs, chosen
+        assert any(f"Compared 7 modules on mixed/test/{preset.index}" in str(c.value) for c in at.caption)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
 def _zoo_table(at):
     """The zoo's table on the Benchmark page (AppTest does not carry a dataframe's key: find it by columns)."""
     tables = [df.value for df in at.dataframe if {"entry", "test acc", "acc lo", "acc hi"} <= set(df.value.columns)]

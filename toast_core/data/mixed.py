@@ -42,6 +42,11 @@ class MixedScenes:
         return int(self.images.shape[0])
 
 
+#: the name a mixed scene goes by where a built-in task's name would (scene references, presets, pages)
+MIXED_TASK = "mixed"
+MIXED_DESCRIPTION = ("One star and one digit among distractors: a stars module should look at the star, a "
+                     "glyphs module at the digit of the same image.")
+
 MIXED_STREAM = 1 + len(TASKS)  # after the tasks' own streams: mixed scenes never repeat a task scene
 
 

@@ -61,8 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"lr {args.lr:g}, {args.per_class} images per class", file=sys.stderr)
     train = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
              "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps, "eval_every": args.eval_every}
-    if defaults["recipe"]:
-        train["min_lr"] = defaults["min_lr"]
+    train.update(defaults["recipe_train"])
     config = RunConfig(
         method=args.method, task=args.task, method_config=_method_settings(args.set), name=args.name,
         per_class=args.per_class, val_per_class=args.val_per_class, train=train, device=args.device,

@@ -51,7 +51,9 @@ class TrainConfig:
     """How to train. `min_lr` is a ratio of `lr` reached at the end of the cosine; `eval_every` /
     `snapshot_every` = 0 means only at the end / never. `amp`: auto = bf16 (or fp16) on CUDA, off
     elsewhere. Weight decay applies to tensors with >= 2 dims (weights, prompts), not to biases/norms.
-    `cache_mb`: memory bound of the run's frozen-stage cache (toast_core.training.feature_cache; 0 = off)."""
+    `cache_mb`: memory bound of the run's frozen-stage cache (toast_core.training.feature_cache; 0 = off).
+    `head_lr_scale`: the classification head's learning rate as a multiple of `lr`, on the same schedule
+    (a fresh head on a pre-tuned steering module wants a larger step than the module: benchmarks/toast_study.py)."""
 
     steps: int = 100
     batch_size: int = 32
@@ -70,6 +72,7 @@ class TrainConfig:
     amp: str = "auto"
     num_threads: int | None = None
     cache_mb: float = 1024.0
+    head_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -84,6 +87,8 @@ class TrainConfig:
             raise ValueError("lr must be > 0; warmup_steps, eval_every, snapshot_every must be >= 0.")
         if self.cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0 (0 = no cache); got {self.cache_mb}.")
+        if self.head_lr_scale <= 0:
+            raise ValueError(f"head_lr_scale must be > 0; got {self.head_lr_scale}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,12 +148,17 @@ def build_optimizer(method: SteeringMethod, config: TrainConfig) -> torch.optim.
     params = method.trainable_parameters()
     if not params:
         raise ValueError(f"Method '{method.name}' has no trainable parameters.")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    # the head gets its own groups only when its lr differs (a resumed run's optimizer state keeps its layout)
+    head: set[int] = set()
+    if config.head_lr_scale != 1.0:
+        if not isinstance(getattr(method, "head", None), torch.nn.Module):
+            raise ValueError(f"head_lr_scale needs a method with a classification head; '{method.name}' has none.")
+        head = {id(p) for p in method.head.parameters()}
+    groups = []
+    for scale, mine in ((1.0, [p for p in params if id(p) not in head]),
+                        (config.head_lr_scale, [p for p in params if id(p) in head])):
+        groups.append({"params": [p for p in mine if p.ndim >= 2], "weight_decay": config.weight_decay, "lr_scale": scale})
+        groups.append({"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale})
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
@@ -326,7 +336,7 @@ class _Loop:
         targets = targets.to(self.device)
         lr = lr_at(step, self.config)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.sync()
         t0 = time.perf_counter()
         method, amp = self.method, self.amp_dtype

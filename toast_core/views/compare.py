@@ -90,23 +90,42 @@ class ModuleView:
 
 
 # --- images --------------------------------------------------------------------------------------
-def scene_image(task: str, split: str, index: int, size: int = 96, seed: int = 0) -> ImageInput:
+def scene_image(task: str, split: str, index: int, size: int = 96, seed: int = 0, focus: str = "star") -> ImageInput:
     """Built-in scene `index` of a task split: the same image `make_task_split(task, split, n, seed)`
-    holds at that index (label = index mod classes), with its deciding-object mask."""
+    holds at that index (label = index mod classes), with its deciding-object mask. Task 'mixed'
+    (test split only) is a scene with one star and one digit (`data.mixed`); `focus` picks which of
+    the two is the mask, and the label names both."""
+    from toast_core.data.mixed import MIXED_TASK
     from toast_core.data.scenes import SPLITS, TASKS, task_scene
 
-    if task not in TASKS:
-        raise ValueError(f"Unknown built-in task '{task}'; built-in tasks: {', '.join(TASKS)}.")
+    if task not in TASKS and task != MIXED_TASK:
+        raise ValueError(f"Unknown built-in task '{task}'; built-in tasks: {', '.join(TASKS)}, {MIXED_TASK}.")
     if split not in SPLITS:
         raise ValueError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
     if index < 0:
         raise ValueError(f"The scene index must be >= 0, got {index}.")
+    if task == MIXED_TASK:
+        return _mixed_image(split, index, size, seed, focus)
     spec = TASKS[task]
     label = index % len(spec.classes)
     scene = task_scene(task, seed, split, index, label, size)
     return ImageInput(
         scene.image, f"{task}/{split}/{index}", scene.index_map == 1, spec.classes[label], scene.index_map > 0
     )
+
+
+def _mixed_image(split: str, index: int, size: int, seed: int, focus: str) -> ImageInput:
+    from toast_core.data.mixed import MIXED_TASK, mixed_scene
+    from toast_core.data.scenes import DIGIT_CLASSES, STAR_CLASSES
+
+    if split != "test":
+        raise ValueError(f"Mixed scenes are a test set only; use split 'test', not '{split}'.")
+    if focus not in ("star", "digit"):
+        raise ValueError(f"focus is 'star' or 'digit', got '{focus}'.")
+    scene, star, digit = mixed_scene(seed, index, size)
+    mask = scene.index_map == (1 if focus == "star" else 2)
+    label = f"{STAR_CLASSES[star]} (stars) · {DIGIT_CLASSES[digit]} (glyphs)"
+    return ImageInput(scene.image, f"{MIXED_TASK}/{split}/{index}", mask, label, scene.index_map > 0)
 
 
 def parse_scene_ref(ref: str) -> tuple[str, str, int]:

@@ -43,9 +43,10 @@ class ImageChoice(compare.ImageInput):
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def scene_image(task: str, split: str, index: int, size: int = 96) -> ImageChoice:
-    """One built-in scene with its deciding-object mask (`compare.scene_image`, the training data)."""
-    image = compare.scene_image(task, split, index, size)
+def scene_image(task: str, split: str, index: int, size: int = 96, focus: str = "star") -> ImageChoice:
+    """One built-in scene with its deciding-object mask (`compare.scene_image`, the training data; on
+    a mixed scene `focus` says whether the star or the digit is the mask)."""
+    image = compare.scene_image(task, split, index, size, focus=focus)
     return ImageChoice(image.rgb, image.name, image.mask, image.true_label, image.objects)
 
 

@@ -93,8 +93,18 @@ def load_entry(entry: ZooEntry, backbone: Backbone) -> SteeringMethod:
     return method
 
 
+#: on a mixed scene, each of these methods shows its stars module beside its glyphs module
+SWITCH_VIEW = ("lora", "toast", "linear")
+
+
 def first_view(backbone: Backbone, task: str, root: Path = ZOO_DIR) -> list[ZooEntry]:
-    """The zoo modules a first view of `task` compares (task recipes, in FIRST_VIEW order)."""
+    """The zoo modules a first view of `task` compares (task recipes, in FIRST_VIEW order); on a
+    mixed scene, both tasks' modules of the SWITCH_VIEW methods, pair by pair."""
+    from toast_core.data.mixed import MIXED_TASK
+
+    if task == MIXED_TASK:
+        by_key = {(e.task, e.entry): e for e in zoo_entries(backbone, root)}
+        return [by_key[(t, n)] for n in SWITCH_VIEW for t in ("stars", "glyphs") if (t, n) in by_key]
     by_name = {e.entry: e for e in zoo_entries(backbone, root, task)}
     return [by_name[n] for n in FIRST_VIEW if n in by_name]
 

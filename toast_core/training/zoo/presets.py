@@ -115,9 +115,39 @@ def pick_presets(backbone: Backbone, task: str, root: Path = ZOO_DIR) -> list[Le
     return presets
 
 
+def pick_switch_presets(backbone: Backbone, root: Path = ZOO_DIR) -> list[LecturePreset]:
+    """One image, two tasks: the mixed scene (a star and a digit) where the method whose attention
+    follows the task most on average (`task_switch`) moves it most between its two modules."""
+    from toast_core.data.mixed import MIXED_TASK, make_mixed_split
+    from toast_core.training.zoo.task_switch import switch_scores
+
+    scores = switch_scores(backbone, make_mixed_split(CANDIDATES, 0), root)
+    if len(scores) < 2:
+        return []
+    best = max(scores, key=lambda e: float(scores[e]["switch"].mean()))
+    v = scores[best]
+    i = int(np.argmax(v["switch"]))
+    others = ", ".join(f"{e} {float(w['switch'][i]):+.2f}" for e, w in scores.items() if e != best)
+    return [LecturePreset(
+        f"{MIXED_TASK}-switch", "One image, two tasks: does attention follow the task?", MIXED_TASK, "test", i, "cls",
+        f"{best}'s stars module puts {v['s_star'][i]:.0%} of its last-layer CLS attention on the star and its glyphs "
+        f"module {v['g_digit'][i]:.0%} on the digit (switch {float(v['switch'][i]):+.2f}); on the same image: {others}.",
+        f"argmax over the first {CANDIDATES} mixed scenes of {best}'s switch ({best}: the largest mean switch)",
+    )]
+
+
 def write_presets(backbone: Backbone, tasks: list[str], root: Path = ZOO_DIR) -> Path:
-    data = {task: [asdict(p) for p in pick_presets(backbone, task, root)] for task in tasks}
+    """Recompute the presets of `tasks` (and of the mixed scenes), keeping other tasks' stored ones."""
+    from toast_core.data.mixed import MIXED_TASK
+
     path = root / PRESETS_FILE
+    try:
+        stored = json.loads(path.read_text())
+        data = stored["presets"] if stored.get("backbone") == backbone.weights_hash else {}
+    except (OSError, ValueError, KeyError):
+        data = {}
+    data.update({task: [asdict(p) for p in pick_presets(backbone, task, root)] for task in tasks})
+    data[MIXED_TASK] = [asdict(p) for p in pick_switch_presets(backbone, root)]
     path.write_text(json.dumps({"backbone": backbone.weights_hash, "candidates": CANDIDATES, "presets": data}, indent=1))
     return path
 

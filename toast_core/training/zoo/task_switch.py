@@ -32,16 +32,13 @@ def _focus(method: Any, images: Any, masks: Any) -> tuple[np.ndarray, np.ndarray
     return np.asarray(focus_share(view.map, masks), dtype=np.float64), np.asarray(view.pred)
 
 
-def task_switch(backbone: Backbone, n: int = 400, root: Path = ZOO_DIR, seed: int = 0) -> list[dict[str, Any]]:
-    """One row per entry shipped for both tasks: switch (mean, 95% CI, n), focus on star and digit
-    under each module, and each module's accuracy on its own object of the mixed scenes."""
-    from toast_core.data.mixed import make_mixed_split
-    from toast_core.training.fewshot import mean_ci95
-
-    data = make_mixed_split(n, seed)
+def switch_scores(backbone: Backbone, data: Any, root: Path = ZOO_DIR,
+                  entries: tuple[str, ...] = SWITCH_ENTRIES) -> dict[str, dict[str, np.ndarray]]:
+    """Per image, for each entry shipped for both tasks: focus on the star and on the digit under its
+    stars module and its glyphs module, both modules' predictions, and the switch."""
     by_key = {(e.task, e.entry): e for e in zoo_entries(backbone, root)}
-    rows = []
-    for entry in SWITCH_ENTRIES:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for entry in entries:
         if ("stars", entry) not in by_key or ("glyphs", entry) not in by_key:
             continue
         star_mod = load_entry(by_key[("stars", entry)], backbone)
@@ -50,13 +47,26 @@ def task_switch(backbone: Backbone, n: int = 400, root: Path = ZOO_DIR, seed: in
         s_digit, _ = _focus(star_mod, data.images, data.digit_masks)
         g_star, g_pred = _focus(digit_mod, data.images, data.star_masks)
         g_digit, _ = _focus(digit_mod, data.images, data.digit_masks)
-        switch = (s_star - g_star) + (g_digit - s_digit)
-        mean, half = mean_ci95(switch.tolist())
+        out[entry] = {"s_star": s_star, "s_digit": s_digit, "g_star": g_star, "g_digit": g_digit,
+                      "s_pred": s_pred, "g_pred": g_pred, "switch": (s_star - g_star) + (g_digit - s_digit)}
+    return out
+
+
+def task_switch(backbone: Backbone, n: int = 400, root: Path = ZOO_DIR, seed: int = 0) -> list[dict[str, Any]]:
+    """One row per entry shipped for both tasks: switch (mean, 95% CI, n), focus on star and digit
+    under each module, and each module's accuracy on its own object of the mixed scenes."""
+    from toast_core.data.mixed import make_mixed_split
+    from toast_core.training.fewshot import mean_ci95
+
+    data = make_mixed_split(n, seed)
+    rows = []
+    for entry, v in switch_scores(backbone, data, root).items():
+        mean, half = mean_ci95(v["switch"].tolist())
         rows.append({
             "entry": entry, "switch": mean, "switch_ci": half, "n": n,
-            "star_focus_stars": float(s_star.mean()), "star_focus_glyphs": float(g_star.mean()),
-            "digit_focus_glyphs": float(g_digit.mean()), "digit_focus_stars": float(s_digit.mean()),
-            "stars_acc_on_star": float((s_pred == data.star_labels.numpy()).mean()),
-            "glyphs_acc_on_digit": float((g_pred == data.digit_labels.numpy()).mean()),
+            "star_focus_stars": float(v["s_star"].mean()), "star_focus_glyphs": float(v["g_star"].mean()),
+            "digit_focus_glyphs": float(v["g_digit"].mean()), "digit_focus_stars": float(v["s_digit"].mean()),
+            "stars_acc_on_star": float((v["s_pred"] == data.star_labels.numpy()).mean()),
+            "glyphs_acc_on_digit": float((v["g_pred"] == data.digit_labels.numpy()).mean()),
         })
     return rows
