@@ -26,15 +26,19 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from fewshot import RESULTS_FILE, smoke_task, write_section
 
 from toast_core.core.backbone import Backbone, load_backbone, tiny_fixture_backbone
+from toast_core.core.stats import bootstrap_interval, wilson_interval
 from toast_core.data.base import LabeledImages
 from toast_core.methods import build_method
-from toast_core.training.fewshot import score_queries
-from toast_core.training.train import TrainConfig, train
+from toast_core.methods.base import SteeringMethod
+from toast_core.training.fewshot import score_view
+from toast_core.training.train import TrainConfig, train, view_over
 
 RUNS = (  # (label, registry name, lr, weight decay)
     ("scratch", "scratch", 1e-3, 0.05),
@@ -76,17 +80,48 @@ def run_one(
     finally:
         timer.cancel()
     t0 = time.perf_counter()
-    acc, focus, area = score_queries(method, test_set)
+    row = score(method, test_set)
     return {
-        "acc": acc,
-        "focus": float("nan") if focus is None else focus,
-        "area": float("nan") if area is None else area,
+        **row,
         "steps": result.steps_done,
         "train_s": result.timings["train_s"],
         "eval_s": time.perf_counter() - t0,
         "train_loss": result.final.get("train_loss", float("nan")),
         "trainable": method.trainable_count(),
     }
+
+
+def score(method: SteeringMethod, test_set: LabeledImages) -> dict[str, Any]:
+    """Accuracy (95% Wilson interval), focus, and per-image correctness (for paired recovery intervals)."""
+    view = view_over(method, test_set.images, "cls", 64, layer=-1, head="mean")
+    acc, focus, area = score_view(view, test_set)
+    correct = np.asarray(view.pred) == test_set.labels.numpy()
+    lo, hi = wilson_interval(int(correct.sum()), len(correct))
+    return {"acc": acc, "acc_lo": lo, "acc_hi": hi, "correct": correct,
+            "focus": float("nan") if focus is None else focus, "area": float("nan") if area is None else area}
+
+
+def zoo_teacher(backbone: Backbone, task: str, test_set: LabeledImages) -> dict[str, Any]:
+    """The shipped fine-tune of `task` (zoo:<task>/full) as the fine-tuned teacher, scored on the same test set."""
+    from toast_core.training.zoo.catalog import find_entry, load_entry
+
+    entry = find_entry(f"{task}/full", backbone)
+    method = load_entry(entry, backbone)
+    recipe = entry.zoo.get("recipe") or {}
+    return {**score(method, test_set), "steps": recipe.get("steps", 0), "train_s": entry.zoo.get("train_s", float("nan")),
+            "eval_s": 0.0, "train_loss": float("nan"), "trainable": method.trainable_count(), "zoo": True}
+
+
+def recovery(student: dict[str, Any], scratch: dict[str, Any], teacher: dict[str, Any]) -> tuple[float, float, float]:
+    """(student − scratch) / (teacher − scratch) and its 95% paired bootstrap interval over test images
+    (nan where the gap's own interval reaches 0: no gap to recover)."""
+    fn = lambda s, z, t: float((s.mean() - z.mean()) / (t.mean() - z.mean())) if t.mean() != z.mean() else float("nan")
+    cols = (student["correct"].astype(float), scratch["correct"].astype(float), teacher["correct"].astype(float))
+    gap_lo, _ = bootstrap_interval(cols[1:][::-1], lambda t, z: float(t.mean() - z.mean()))
+    if not gap_lo > 0:
+        return float("nan"), float("nan"), float("nan")
+    lo, hi = bootstrap_interval(cols, fn)
+    return fn(*cols), lo, hi
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=40)
     parser.add_argument("--test-per-class", type=int, default=20)
     parser.add_argument("--max-minutes", type=float, default=15.0)
+    parser.add_argument("--teacher", choices=("train", "zoo"), default="train",
+                        help="fine-tuned teacher: trained here (--steps) or the shipped zoo:<task>/full")
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.batch, args.task = 3, 8, "smoke"
@@ -113,29 +150,46 @@ def main(argv: list[str] | None = None) -> int:
           f"{train_set.num_classes} classes; {args.steps} steps × batch {args.batch}; threads {torch.get_num_threads()}")
     rows: dict[str, dict[str, float]] = {}
     for label, name, lr, wd in RUNS:
-        rows[label] = run_one(backbone, name, lr, wd, train_set, test_set, args, deadline)
-        print(f"  {label}: done ({rows[label]['train_s']:.0f} s training)")
+        if label == "fine-tuned teacher" and args.teacher == "zoo":
+            rows[label] = zoo_teacher(backbone, args.task, test_set)
+        else:
+            rows[label] = run_one(backbone, name, lr, wd, train_set, test_set, args, deadline)
+        print(f"  {label}: acc {rows[label]['acc']:.3f} [{rows[label]['acc_lo']:.3f}, {rows[label]['acc_hi']:.3f}] "
+              f"({rows[label]['train_s']:.0f} s training)", flush=True)
     minutes = (time.monotonic() - t0) / 60
 
     lines = [
         f"#### {args.task}: {len(train_set)} training images, {args.steps} steps × batch {args.batch}",
         "",
-        "| model | steps done | test accuracy % | focus on object % | area % | train s | trainable params |",
+        "| model | steps done | test accuracy % [95% CI] | focus on object % | area % | train s | trainable params |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in rows.items():
+        name = f"{label} (shipped zoo:{args.task}/full)" if r.get("zoo") else label
         lines.append(
-            f"| {label} | {r['steps']} | {100 * r['acc']:.1f} | {100 * r['focus']:.1f} | {100 * r['area']:.1f} | "
-            f"{r['train_s']:.0f} | {int(r['trainable']):,} |"
+            f"| {name} | {r['steps']} | {100 * r['acc']:.1f} [{100 * r['acc_lo']:.1f}, {100 * r['acc_hi']:.1f}] | "
+            f"{100 * r['focus']:.1f} | {100 * r['area']:.1f} | {r['train_s']:.0f} | {int(r['trainable']):,} |"
         )
+    chance = 1.0 / train_set.num_classes
+    scratch, teacher = rows["scratch"], rows["fine-tuned teacher"]
+    learnt = int(scratch["acc_lo"] > chance)
+    rec = {k: recovery(rows[label], scratch, teacher) for label, k in (("attn_copy", "copy"), ("attn_distill", "distill"))}
+    lines += ["", f"n = {len(test_set)} test images; chance {100 * chance:.1f}%; the scratch student "
+              + ("learns above chance (its interval's low end is above it)." if learnt else "does NOT learn measurably above chance.")]
+    for k, (v, lo, hi) in rec.items():
+        lines.append(f"- recovery of the scratch → fine-tune gap, {k}: " + (
+            f"{v:.2f} [{lo:.2f}, {hi:.2f}] (paired bootstrap over images)" if v == v else "undefined (no gap: the "
+            "teacher's lead over scratch is within noise)"))
     lines.append("")
     print("\n".join(lines))
-    complete = int(all(r["steps"] == args.steps for r in rows.values()))
-    result = "RESULT minutes={:.2f} task={} {} {} complete={} smoke={}".format(
+    complete = int(all(r["steps"] == args.steps for r in rows.values() if not r.get("zoo")))
+    result = "RESULT minutes={:.2f} task={} {} {} {} scratch_above_chance={} complete={} smoke={}".format(
         minutes,
         args.task,
         " ".join(f"{KEYS[k]}_acc={r['acc']:.4f}" for k, r in rows.items()),
         " ".join(f"{KEYS[k]}_focus={r['focus']:.4f}" for k, r in rows.items()),
+        " ".join(f"{k}_recovery={v[0]:.3f}" for k, v in rec.items()),
+        learnt,
         complete,
         int(args.smoke),
     )

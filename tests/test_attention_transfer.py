@@ -167,3 +167,34 @@ def test_checkpoint_round_trip_and_views(fixture_backbone: Backbone, x: torch.Te
     assert torch.allclose(loaded(x).logits, method(x).logits, atol=1e-6)
     for view in method.views():
         assert A.compute_view(view, method, x).map.shape == (2, 4, 4)
+
+
+# --- the benchmark's recovery ratio ------------------------------------------------------------------
+def _bench(monkeypatch):
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))  # as the script runs
+    return importlib.import_module("attention_transfer")
+
+
+def test_recovery_is_the_share_of_the_scratch_to_teacher_gap_with_a_paired_interval(monkeypatch):
+    import numpy as np
+
+    bench = _bench(monkeypatch)
+    n = 400
+    hits = lambda k: {"correct": np.arange(n) < k}  # the first k of n images right
+    v, lo, hi = bench.recovery(hits(200), hits(80), hits(240))  # (0.50 - 0.20) / (0.60 - 0.20)
+    assert v == pytest.approx(0.75) and lo < 0.75 < hi and hi - lo < 0.5
+    # no measurable gap between scratch and teacher: nothing to recover, the ratio is undefined
+    v, lo, hi = bench.recovery(hits(200), hits(80), hits(82))
+    assert np.isnan(v) and np.isnan(lo) and np.isnan(hi)
+
+
+def test_benchmark_smoke_reports_recovery_and_whether_scratch_learnt(monkeypatch, capsys):
+    bench = _bench(monkeypatch)
+    assert bench.main(["--smoke"]) == 0
+    result = capsys.readouterr().out.strip().splitlines()[-1]
+    assert result.startswith("RESULT ") and "smoke=1" in result
+    for key in ("copy_recovery=", "distill_recovery=", "scratch_above_chance=", "finetune_acc="):
+        assert key in result
