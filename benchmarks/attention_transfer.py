@@ -30,13 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from fewshot import RESULTS_FILE, smoke_task, write_section
+from fewshot import RESULTS_FILE, smoke_task
 
 from toast_core.core.backbone import Backbone, load_backbone, tiny_fixture_backbone
 from toast_core.core.stats import bootstrap_interval, wilson_interval
 from toast_core.data.base import LabeledImages
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
+from toast_core.storage.results_file import write_section
 from toast_core.training.fewshot import score_view
 from toast_core.training.train import TrainConfig, train, view_over
 

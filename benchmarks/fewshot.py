@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ import torch
 from toast_core.core.backbone import Backbone, load_backbone, tiny_fixture_backbone
 from toast_core.data.base import LabeledImages
 from toast_core.data.squares import coloured_squares
+from toast_core.storage.results_file import write_section
 from toast_core.training.fewshot import (
     EpisodeResult,
     FewShotConfig,
@@ -84,17 +84,6 @@ RESULTS_FILE = Path(__file__).resolve().parent / "RESULTS.md"
 TASKS = ("stars", "glyphs")
 SHOTS = (1, 5)
 N_WAY = 5
-
-
-# --- RESULTS.md sections (shared with benchmarks/attention_transfer.py) ------------------------------
-def write_section(path: Path, key: str, body: str) -> None:
-    """Replace (or append) the section between `<!-- key:start -->` and `<!-- key:end -->` only."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
 
 
 # --- data -------------------------------------------------------------------------------------------

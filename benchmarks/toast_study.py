@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from toast_core.data.scenes import make_task_split
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
 from toast_core.methods.toast import Toast, ToastConfig
+from toast_core.storage.results_file import write_section
 from toast_core.training.recipes import COMMON_TRAIN, TEST_PER_CLASS, VAL_PER_CLASS, Recipe, recipe
 from toast_core.training.train import TrainConfig, TrainResult, prepare_batch, train, view_over
 from toast_core.training.zoo.train_entry import build_entry_method, task_splits
@@ -296,17 +296,6 @@ def verdicts(rows: dict[str, dict[str, Any]], best: str, frozen: dict[str, Any],
         f"Train seconds per arm: recipe {base['train_s']:.0f} s"
         + "".join(f", {k} {rows[k]['train_s']:.0f} s" for k in ("fb_late_half", "train_head_only") if k in rows) + ".")
     return out
-
-
-def write_section(path: Path, key: str, body: str) -> None:
-    """Replace (or append) only the text between `<!-- key:start -->` and `<!-- key:end -->`; the
-    file is read right before writing, so edits others made to other sections survive."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
