@@ -14,12 +14,12 @@ import time
 T0 = time.perf_counter()
 
 import argparse  # noqa: E402
-import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 from toast_core.core.backbone import load_backbone  # noqa: E402
+from toast_core.storage.results_file import write_section  # noqa: E402
 from toast_core.training.zoo.task_switch import task_switch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -58,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                    "`data.mixed.make_mixed_split`), last-layer CLS attention, head mean; switch as defined in "
                    f"`toast_core.training.zoo.task_switch`; command: `python benchmarks/task_switch.py --n {args.n} "
                    f"--append-results` ({time.strftime('%Y-%m-%d')})\n")
-        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-        new = pattern.sub(lambda _: section + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + section
-        RESULTS.write_text(new.rstrip() + "\n")
+        write_section(RESULTS, "task-switch", section)
     values = " ".join(f"{k}_switch={by[e]['switch']:.4f}" if e in by else f"{k}_switch=nan" for e, k in KEYS.items())
     print(f"RESULT complete={complete} minutes={minutes:.2f} {values}")
     return 0

@@ -88,10 +88,10 @@ RESULTS_HEADING = "## zoo: the lecture zoo (every method from its recipe, both t
 def write_results_section(rows: list[dict[str, Any]], verify_line: str, path: Path | None = None) -> Path:
     """Replace (or add) the zoo's section of benchmarks/RESULTS.md: its table per task and the line
     `zoo verify` printed, with the commands that produced them."""
-    import re
     import time
 
     from toast_core.core.backbone import CHECKPOINT_DIR
+    from toast_core.storage.results_file import write_section
 
     path = path or CHECKPOINT_DIR.parent / "benchmarks" / "RESULTS.md"
     parts = [RESULTS_HEADING, ""]
@@ -111,9 +111,5 @@ def write_results_section(rows: list[dict[str, Any]], verify_line: str, path: Pa
         "- commands: `python -m toast_core zoo build` (trains what is missing or stale), "
         f"`python -m toast_core zoo verify --append-results` ({time.strftime('%Y-%m-%d')})",
     ]
-    text = "\n".join(parts).rstrip() + "\n"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(RESULTS_HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + text
-    path.write_text(new.rstrip() + "\n")
+    write_section(path, "zoo", "\n".join(parts))
     return path
