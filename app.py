@@ -80,7 +80,10 @@ def home() -> None:
             width="stretch",
         )
     else:
-        st.info("No trained modules yet: start one in the Tuning Lab (a few hundred steps take minutes on a CPU).")
+        zoo = S.zoo_modules(backbone)
+        st.info((f"No runs of your own yet. The lecture zoo's {len(zoo)} shipped modules (every method, both "
+                 "built-in tasks) are ready to compare in the Attention Explorer; " if zoo else "No trained modules yet: ")
+                + "start a run of your own in the Tuning Lab (a lecture recipe takes a few CPU-minutes).")
     st.caption(f"Registry: `{S.runs_root()}`")
 
     st.subheader("Lecture presets")

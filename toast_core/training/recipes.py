@@ -7,8 +7,9 @@ less than the ~3 CPU-minutes where measured runs show the methods still improvin
 shared its 2 cores with other work this round, so the budgets were halved to fit (see RESULTS.md).
 
 Learning rates: the linear probe's was chosen by `benchmarks/zoo_sweep.py` on the **validation**
-split (never test); the others are the project's earlier defaults (benchmarks/methods_small.py),
-not yet swept (the sweep was stopped by the machine's load; RESULTS.md has what it measured). The recipes are the defaults of the Tuning Lab and the CLI
+split (never test), and TOAST's head rate (10x the module's) by `benchmarks/toast_study.py`, also on
+validation; the others are the project's earlier defaults (benchmarks/methods_small.py), not yet
+swept (the sweep was stopped by the machine's load). The recipes are the defaults of the Tuning Lab and the CLI
 for the built-in tasks and the recipes `python -m toast_core zoo build` trains. `expected_s` is the
 measured wall-clock of the recipe's training on 2 CPU cores (zoo build), shown before a run starts.
 """
