@@ -23,38 +23,20 @@ import torch
 from PIL import Image
 
 from toast_core.core.backbone import Backbone
-from toast_core.data.base import to_model_input
-from toast_core.data.images import load_image, resize_for_model
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
 from toast_core.views import VIEWS as VIEW_FUNCTIONS
 from toast_core.views import AttentionView, ViewUnavailable, compute_view, focus_metrics, method_label
+from toast_core.views.inputs import ImageInput, model_input, open_image, parse_scene_ref, scene_image
 from toast_core.views.viz import compose_grid, draw_outline, overlays, view_to_csv
 
 BASE_KEY = "base"
-SCENE_PREFIX = "scene:"
 #: views that read one layer (and one head or the head mean); the others span all layers
 LAYERED_VIEWS = frozenset({"cls", "toast_pass1", "toast_pass2"})
 GRADIENT_VIEWS = frozenset({"grad_rollout", "gradcam", "relevance"})
 VIEW_NAMES: tuple[str, ...] = tuple(VIEW_FUNCTIONS)
 BOX_COLOUR = (255, 255, 255)
 LABEL_HEIGHT = 30  # two lines of the default font: module, then prediction
-
-
-@dataclass
-class ImageInput:
-    """The image being explained: RGB (H, W, 3) uint8 at its original size, and, when it is a built-in
-    scene, the deciding object's mask and every object's mask (H, W) bool."""
-
-    rgb: np.ndarray
-    name: str
-    mask: np.ndarray | None = None
-    true_label: str | None = None
-    objects: np.ndarray | None = None
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return int(self.rgb.shape[0]), int(self.rgb.shape[1])
 
 
 @dataclass
@@ -87,70 +69,6 @@ class ModuleView:
         if self.is_base and not self.class_names:
             return f"{self.label}: no trained head (prediction meaningless)"
         return f"{self.label}: {self.prediction} ({self.confidence:.2f})"
-
-
-# --- images --------------------------------------------------------------------------------------
-def scene_image(task: str, split: str, index: int, size: int = 96, seed: int = 0, focus: str = "star") -> ImageInput:
-    """Built-in scene `index` of a task split: the same image `make_task_split(task, split, n, seed)`
-    holds at that index (label = index mod classes), with its deciding-object mask. Task 'mixed'
-    (test split only) is a scene with one star and one digit (`data.mixed`); `focus` picks which of
-    the two is the mask, and the label names both."""
-    from toast_core.data.mixed import MIXED_TASK
-    from toast_core.data.scenes import SPLITS, TASKS, task_scene
-
-    if task not in TASKS and task != MIXED_TASK:
-        raise ValueError(f"Unknown built-in task '{task}'; built-in tasks: {', '.join(TASKS)}, {MIXED_TASK}.")
-    if split not in SPLITS:
-        raise ValueError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
-    if index < 0:
-        raise ValueError(f"The scene index must be >= 0, got {index}.")
-    if task == MIXED_TASK:
-        return _mixed_image(split, index, size, seed, focus)
-    spec = TASKS[task]
-    label = index % len(spec.classes)
-    scene = task_scene(task, seed, split, index, label, size)
-    return ImageInput(
-        scene.image, f"{task}/{split}/{index}", scene.index_map == 1, spec.classes[label], scene.index_map > 0
-    )
-
-
-def _mixed_image(split: str, index: int, size: int, seed: int, focus: str) -> ImageInput:
-    from toast_core.data.mixed import MIXED_TASK, mixed_scene
-    from toast_core.data.scenes import DIGIT_CLASSES, STAR_CLASSES
-
-    if split != "test":
-        raise ValueError(f"Mixed scenes are a test set only; use split 'test', not '{split}'.")
-    if focus not in ("star", "digit"):
-        raise ValueError(f"focus is 'star' or 'digit', got '{focus}'.")
-    scene, star, digit = mixed_scene(seed, index, size)
-    mask = scene.index_map == (1 if focus == "star" else 2)
-    label = f"{STAR_CLASSES[star]} (stars) · {DIGIT_CLASSES[digit]} (glyphs)"
-    return ImageInput(scene.image, f"{MIXED_TASK}/{split}/{index}", mask, label, scene.index_map > 0)
-
-
-def parse_scene_ref(ref: str) -> tuple[str, str, int]:
-    """'scene:<task>:<split>:<index>' -> (task, split, index); ValueError naming the form otherwise."""
-    parts = ref[len(SCENE_PREFIX) :].split(":") if ref.startswith(SCENE_PREFIX) else []
-    if len(parts) != 3 or not parts[2].strip().isdigit():
-        raise ValueError(f"'{ref}' is not a scene reference; use 'scene:<task>:<split>:<index>', e.g. 'scene:stars:test:3'.")
-    return parts[0].strip(), parts[1].strip(), int(parts[2])
-
-
-def open_image(ref: str | Path, size: int = 96) -> ImageInput:
-    """An image file (decoded safely: `data.images.load_image`) or a built-in scene reference."""
-    text = str(ref)
-    if text.startswith(SCENE_PREFIX):
-        task, split, index = parse_scene_ref(text)
-        return scene_image(task, split, index, size)
-    return ImageInput(load_image(Path(text)), Path(text).name)
-
-
-def model_input(backbone: Backbone, rgb: np.ndarray) -> torch.Tensor:
-    """(1, 3, H, W) normalised input for the backbone: the whole image, stretched (overlays then
-    cover exactly what the model saw)."""
-    layout = backbone.layout
-    small = resize_for_model(rgb, layout.img_size)
-    return to_model_input(small[None], layout.mean, layout.std).to(backbone.device)
 
 
 # --- modules -------------------------------------------------------------------------------------
