@@ -28,18 +28,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from fewshot import RESULTS_FILE, smoke_task
 
 from toast_core.core.backbone import Backbone, load_backbone, tiny_fixture_backbone
-from toast_core.core.stats import bootstrap_interval, wilson_interval
+from toast_core.core.stats import bootstrap_interval
 from toast_core.data.base import LabeledImages
 from toast_core.methods import build_method
 from toast_core.methods.base import SteeringMethod
 from toast_core.storage.results_file import write_section
-from toast_core.training.fewshot import score_view
-from toast_core.training.train import TrainConfig, train, view_over
+from toast_core.training.train import TrainConfig, train
+from toast_core.training.zoo.evaluate import score_split
 
 RUNS = (  # (label, registry name, lr, weight decay)
     ("scratch", "scratch", 1e-3, 0.05),
@@ -93,13 +92,10 @@ def run_one(
 
 
 def score(method: SteeringMethod, test_set: LabeledImages) -> dict[str, Any]:
-    """Accuracy (95% Wilson interval), focus, and per-image correctness (for paired recovery intervals)."""
-    view = view_over(method, test_set.images, "cls", 64, layer=-1, head="mean")
-    acc, focus, area = score_view(view, test_set)
-    correct = np.asarray(view.pred) == test_set.labels.numpy()
-    lo, hi = wilson_interval(int(correct.sum()), len(correct))
-    return {"acc": acc, "acc_lo": lo, "acc_hi": hi, "correct": correct,
-            "focus": float("nan") if focus is None else focus, "area": float("nan") if area is None else area}
+    """`zoo.evaluate.score_split`'s accuracy (Wilson interval) and per-image correctness (for paired
+    recovery intervals), with the mean focus and area shares under this script's names."""
+    out = score_split(method, test_set, per_image=True)
+    return {**out, "focus": out.get("focus_share", float("nan")), "area": out.get("area_share", float("nan"))}
 
 
 def zoo_teacher(backbone: Backbone, task: str, test_set: LabeledImages) -> dict[str, Any]:

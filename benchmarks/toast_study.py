@@ -36,7 +36,7 @@ from torch import Tensor
 
 from toast_core.core.backbone import Backbone, load_backbone, tiny_fixture_backbone
 from toast_core.core.forward import Capture
-from toast_core.core.stats import bootstrap_interval, wilson_interval
+from toast_core.core.stats import bootstrap_interval
 from toast_core.data.base import LabeledImages
 from toast_core.data.scenes import make_task_split
 from toast_core.methods import build_method
@@ -44,9 +44,9 @@ from toast_core.methods.base import SteeringMethod
 from toast_core.methods.toast import Toast, ToastConfig
 from toast_core.storage.results_file import write_section
 from toast_core.training.recipes import COMMON_TRAIN, TEST_PER_CLASS, VAL_PER_CLASS, Recipe, recipe
-from toast_core.training.train import TrainConfig, TrainResult, prepare_batch, train, view_over
+from toast_core.training.train import TrainConfig, TrainResult, prepare_batch, train
+from toast_core.training.zoo.evaluate import score_split
 from toast_core.training.zoo.train_entry import build_entry_method, task_splits
-from toast_core.views.objects import focus_report
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -140,15 +140,8 @@ def train_arm(method: SteeringMethod, r: Recipe, arm: Arm, data: LabeledImages, 
 
 
 def score(method: SteeringMethod, data: LabeledImages, split: str) -> dict[str, Any]:
-    """`zoo.evaluate.score_split`'s numbers plus per-image correctness (for paired differences)."""
-    view = view_over(method, data.images, "cls", 64, layer=-1, head="mean")
-    correct = np.asarray(view.pred) == data.labels.numpy()
-    lo, hi = wilson_interval(int(correct.sum()), len(correct))
-    out: dict[str, Any] = {"split": split, "acc": float(correct.mean()), "acc_lo": lo, "acc_hi": hi,
-                           "n": len(correct), "correct": correct}
-    if data.masks is not None:
-        out.update({k: v for k, v in focus_report(view.map, data.masks, data.objects).items() if k != "n"})
-    return out
+    """`zoo.evaluate.score_split`'s numbers with per-image correctness (for paired differences)."""
+    return {"split": split, **score_split(method, data, per_image=True)}
 
 
 def reconstruction(method: SteeringMethod, images: Tensor) -> dict[str, float]:

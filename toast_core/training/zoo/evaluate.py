@@ -21,15 +21,19 @@ FAITH_PER_CLASS = 8
 FAITH_STEPS = 10
 
 
-def score_split(method: SteeringMethod, data: LabeledImages, batch_size: int = 64) -> dict[str, Any]:
+def score_split(method: SteeringMethod, data: LabeledImages, batch_size: int = 64,
+                per_image: bool = False) -> dict[str, Any]:
     """Accuracy (Wilson interval) and last-layer CLS focus on the deciding object (bootstrap
     intervals; with every object's mask also the deciding object's share of the attention on
-    objects and its chance level), from one batched forward per batch of images."""
+    objects and its chance level), from one batched forward per batch of images. `per_image` adds
+    `correct` (bool per image, for paired comparisons between modules on the same images)."""
     view = view_over(method, data.images, "cls", batch_size, layer=-1, head="mean")
     pred = torch.from_numpy(np.asarray(view.pred))
     hits, n = int((pred == data.labels).sum()), len(data)
     lo, hi = wilson_interval(hits, n)
     out: dict[str, Any] = {"acc": hits / max(n, 1), "acc_lo": lo, "acc_hi": hi, "n": n}
+    if per_image:
+        out["correct"] = (pred == data.labels).numpy()
     if data.masks is not None:
         focus = focus_report(view.map, data.masks, data.objects)
         out.update({k: v for k, v in focus.items() if k != "n"})
