@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toast_core.core.backbone import Backbone, _wrap, tiny_fixture_backbone
-from toast_core.core.forward import Capture, Steer, pool, steered_forward
+from toast_core.core.forward import POOLED_ONLY, Capture, Steer, pool, steered_forward
 from toast_core.methods.base import SteeringMethod
 from toast_core.methods.full import FullFineTune
 from toast_core.methods.toast import Toast, ToastConfig, ToastLite
@@ -141,6 +141,7 @@ class TwoPassFloor(nn.Module):
             vit,
             None,
             steer=_ValueAt(self.start, self.delta.expand(images.shape[0], -1, -1)),
+            capture=POOLED_ONLY,
             start_block=self.start,
             hidden=first.block_inputs[self.start],
             grid=first.grid,
@@ -171,7 +172,8 @@ def make_step(
 
 
 def method_forward(method: SteeringMethod) -> Callable[[Tensor], Tensor]:
-    return lambda x: method(x).logits
+    """The forward a training step takes (`train()` asks for the pooled feature only)."""
+    return lambda x: method(x, POOLED_ONLY).logits
 
 
 def cached_forward(method: SteeringMethod, images: Tensor, filled: bool) -> Callable[[Tensor], Tensor]:
@@ -188,7 +190,8 @@ def cached_forward(method: SteeringMethod, images: Tensor, filled: bool) -> Call
 
     def forward(x: Tensor) -> Tensor:
         cache = full if filled else fresh()
-        return method.forward_frozen(cache.get(index, lambda rows: method.frozen_stage(x[rows]))).logits
+        stage = cache.get(index, lambda rows: method.frozen_stage(x[rows]))
+        return method.forward_frozen(stage, POOLED_ONLY).logits
 
     return forward
 

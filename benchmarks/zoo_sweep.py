@@ -3,6 +3,8 @@
     python benchmarks/zoo_sweep.py                       # glyphs, every task recipe, 1/3 budget
     python benchmarks/zoo_sweep.py --task stars --entries lora,toast
     python benchmarks/zoo_sweep.py --smoke               # fixture backbone, random data, 3 steps
+    python benchmarks/zoo_sweep.py --entries lora --steps 300 --arm lr=0.01 --arm head_lr_scale=10 \
+        --arm r=8,targets=q+v+proj                       # recipe variants at a fixed step count
 
 For each task recipe in `toast_core.training.recipes` it trains the recipe's learning rate and the
 candidates in CANDIDATES at `--budget` times the recipe's steps (same seed, same data), and reports
@@ -14,6 +16,7 @@ accuracy; ties (within one image) go to the recipe's current rate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -41,6 +44,42 @@ CANDIDATES: dict[str, tuple[float, ...]] = {
 }
 
 
+#: recipe fields an --arm may set; any other key goes into the method's config
+RECIPE_FIELDS = ("lr", "head_lr_scale", "batch_size", "weight_decay")
+
+
+def parse_arm(spec: str) -> dict[str, Any]:
+    """'lr=0.01,r=8,targets=q+v+proj' -> {'lr': 0.01, 'r': 8, 'targets': ('q', 'v', 'proj')}."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep:
+            raise SystemExit(f"--arm expects key=value pairs, got {part!r}")
+        value: Any
+        if "+" in raw or key == "targets":
+            value = tuple(raw.split("+"))
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        out[key.strip()] = value
+    return out
+
+
+def apply_arm(r: Recipe, arm: dict[str, Any]) -> Recipe:
+    fields = {k: v for k, v in arm.items() if k in RECIPE_FIELDS}
+    config = {**r.method_config, **{k: v for k, v in arm.items() if k not in RECIPE_FIELDS}}
+    return dataclasses.replace(r, method_config=config, **fields)
+
+
+def arm_label(arm: dict[str, Any]) -> str:
+    return ",".join(f"{k}={'+'.join(v) if isinstance(v, tuple) else v}" for k, v in arm.items()) or "recipe"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", default="glyphs")
@@ -49,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--steps", type=int, default=0, help="absolute steps per trial (overrides --budget)")
+    ap.add_argument("--arm", action="append", default=[],
+                    help="a recipe variant 'key=value,...' tried beside the recipe itself (instead of the lr candidates)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -61,11 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded")
     splits = task_splits(args.task, smoke=args.smoke, with_test=False)
     rows: list[dict[str, Any]] = json.loads(OUT.read_text()) if OUT.exists() and not args.smoke else []
+    arms = [parse_arm(a) for a in args.arm]
     for r in recipes:
-        lrs = sorted({r.lr, *CANDIDATES.get(r.method, ())})
-        for lr in lrs:
-            steps = 3 if args.smoke else max(10, round(r.steps * args.budget))
-            trial = r.with_lr(lr)
+        if arms:
+            trials = [({}, r)] + [(arm, apply_arm(r, arm)) for arm in arms]
+        else:
+            trials = [({"lr": lr}, r.with_lr(lr)) for lr in sorted({r.lr, *CANDIDATES.get(r.method, ())})]
+        for arm, trial in trials:
+            lr = trial.lr
+            steps = 3 if args.smoke else (args.steps or max(10, round(r.steps * args.budget)))
             method = build_entry_method(trial, backbone, splits["train"].num_classes, args.seed)
             t0 = time.perf_counter()
             result = train_entry(method, trial, splits["train"], splits["val"], args.seed, steps=steps)
@@ -73,29 +119,32 @@ def main(argv: list[str] | None = None) -> int:
             n = len(splits["val"])
             lo, hi = wilson_interval(round(val * n), n)
             row = {
-                "task": args.task, "entry": r.entry, "method": r.method, "lr": lr, "steps": steps,
+                "task": args.task, "entry": r.entry, "method": r.method, "arm": arm_label(arm) if arms else "lr",
+                "lr": lr, "steps": steps,
                 "batch": r.batch_size, "val_acc": val, "val_n": n, "val_lo": lo, "val_hi": hi,
                 "train_acc": result.final.get("train_acc", float("nan")),
                 "seconds": time.perf_counter() - t0, "smoke": args.smoke,
             }
-            rows = [x for x in rows if not (x["task"] == args.task and x["entry"] == r.entry and x["lr"] == lr)]
+            rows = [x for x in rows if not (x["task"] == args.task and x["entry"] == r.entry and x["lr"] == lr
+                                            and x.get("arm", "lr") == row["arm"] and x["steps"] == steps)]
             rows.append(row)
             print(
-                f"[{args.task}] {r.entry} lr {lr:g}: val {val:.3f} [{lo:.3f}, {hi:.3f}] (n={n}), "
+                f"[{args.task}] {r.entry} {row['arm']} lr {lr:g} x{steps}: val {val:.3f} [{lo:.3f}, {hi:.3f}] (n={n}), "
                 f"train {row['train_acc']:.3f}, {row['seconds']:.0f} s",
                 flush=True,
             )
             if not args.smoke:
                 OUT.write_text(json.dumps(rows, indent=1))
-    best = {}
+    best: dict[str, str] = {}
     for r in recipes:
-        mine = [x for x in rows if x["task"] == args.task and x["entry"] == r.entry]
-        if mine:
-            top = max(mine, key=lambda x: (round(x["val_acc"] * x["val_n"]), x["lr"] == r.lr))
-            best[r.entry] = top["lr"]
+        mine = [x for x in rows if x["task"] == args.task and x["entry"] == r.entry and x.get("arm", "lr") != "lr"] if arms \
+            else [x for x in rows if x["task"] == args.task and x["entry"] == r.entry and x.get("arm", "lr") == "lr"]
+        if mine:  # ties (same number of images right) go to the recipe itself
+            top = max(mine, key=lambda x: (round(x["val_acc"] * x["val_n"]), x["lr"] == r.lr and x.get("arm") in ("lr", "recipe")))
+            best[r.entry] = top["arm"] if arms else f"{top['lr']:g}"
     minutes = (time.perf_counter() - t_start) / 60
     print(f"val images per class: {VAL_PER_CLASS}; budget {args.budget:.2f} of each recipe's steps")
-    print(f"RESULT task={args.task} minutes={minutes:.1f} " + " ".join(f"{k}={v:g}" for k, v in best.items()))
+    print(f"RESULT task={args.task} minutes={minutes:.1f} " + " ".join(f"{k}={v}" for k, v in best.items()))
     return 0
 
 

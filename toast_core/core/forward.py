@@ -36,6 +36,10 @@ class Capture:
     models without CLS), per head: {layer: (B, H, N)}.
     attn / attn_logits: full post-softmax maps / scaled pre-softmax logits: {layer: (B, H, N, N)}.
     block_inputs / block_outputs: residual stream before / after each block: {layer: (B, N, d)}.
+    all_tokens: False when the caller reads only the pooled feature (a training or scoring step):
+    under CLS pooling the last block then computes its CLS row only (its keys and values still come
+    from every token), so `tokens` and `hidden` hold that one row. Same logits, about one block's
+    work less; ignored wherever the last block's rows are captured or pooling reads other rows.
     """
 
     cls_attn: LayerSpec = False
@@ -43,9 +47,12 @@ class Capture:
     attn_logits: LayerSpec = False
     block_inputs: LayerSpec = False
     block_outputs: LayerSpec = False
+    all_tokens: bool = True
 
 
 NOTHING = Capture()
+#: what a training or scoring step asks of a forward: the pooled feature only
+POOLED_ONLY = Capture(all_tokens=False)
 
 
 class Steer:
@@ -244,7 +251,10 @@ def _attention(
     want_logits: bool,
     has_cls: bool,
     out: SteeredOutput,
+    query_rows: int | None = None,
 ) -> Tensor:
+    """One block's attention on the normed stream `u`; with `query_rows`, only the first rows'
+    queries are computed (keys and values from every token): the trimmed last block."""
     attn = blk.attn
     B, N, _ = u.shape
     H, D = attn.num_heads, attn.head_dim
@@ -258,6 +268,10 @@ def _attention(
     if dv is not None:
         v = v + dv.reshape(B, N, H, D).transpose(1, 2)
     override = steer.attention_override(layer) if steer is not None else None
+    if query_rows is not None:
+        q, N = q[:, :, :query_rows], query_rows
+        gate = None if gate is None else gate[:, :query_rows]
+        override = None if override is None else override[:, :, :query_rows]
     explicit = want_map or want_logits or override is not None or (want_row and not has_cls)
     if explicit:
         graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -365,6 +379,7 @@ def steered_forward(
         tokens=x, hidden=x, patch_start=num_prefix + num_prompts, num_prompts=num_prompts, grid=grid,
         kept=kept,
     )  # fmt: skip
+    trim_at = _trimmed_block(model, capture, stop, depth, (rows, maps, logit_layers, outs))
     for layer in range(start_block, stop):
         blk = model.blocks[layer]
         if steer is not None:
@@ -374,6 +389,7 @@ def steered_forward(
                 num_prompts = p.shape[1]
         if layer in ins:
             out.block_inputs[layer] = x
+        query_rows = 1 if layer == trim_at else None
         a = _attention(
             blk,
             blk.norm1(x),
@@ -384,7 +400,10 @@ def steered_forward(
             layer in logit_layers,
             has_cls,
             out,
+            query_rows,
         )
+        if query_rows is not None:
+            x = x[:, :query_rows]
         x = x + blk.drop_path1(blk.ls1(a))
         x = x + blk.drop_path2(blk.ls2(_mlp(blk, blk.norm2(x), layer, steer)))
         if layer in outs:
@@ -394,6 +413,21 @@ def steered_forward(
     out.num_prompts = num_prompts
     out.patch_start = num_prefix + num_prompts
     return out
+
+
+def _trimmed_block(
+    model: VisionTransformer, capture: Capture, stop: int, depth: int, captured: tuple[frozenset[int], ...]
+) -> int | None:
+    """The block that computes only its CLS row (`Capture.all_tokens` False), or None: only the last
+    block of a full-depth pass, under CLS pooling, with none of its rows captured."""
+    last = depth - 1
+    if capture.all_tokens or stop != depth or model.cls_token is None:
+        return None
+    if model.global_pool != "token" or getattr(model, "attn_pool", None) is not None:
+        return None
+    if any(last in layers for layers in captured):
+        return None
+    return last
 
 
 def pool(model: VisionTransformer, out: SteeredOutput) -> Tensor:

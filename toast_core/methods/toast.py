@@ -241,9 +241,10 @@ class Toast(SteeringMethod):
         return self._signal(z, m, fold, into_values=True)[0]
 
     def _signal(
-        self, z: Tensor, m: Tensor, fold: bool | None, into_values: bool
-    ) -> tuple[dict[int, Tensor], Tensor]:
-        """The per-block signal (td_l, or ΔV_l with `into_values`) and td's size (see `_rms`)."""
+        self, z: Tensor, m: Tensor, fold: bool | None, into_values: bool, sizes: bool = True
+    ) -> tuple[dict[int, Tensor], Tensor | None]:
+        """The per-block signal (td_l, or ΔV_l with `into_values`) and td's size (see `_rms`; None
+        without `sizes`)."""
         d = z.shape[-1]
         blocks = list(self.feedback_blocks)
         value_maps = [self._value_map(layer) for layer in blocks] if into_values else None
@@ -254,20 +255,24 @@ class Toast(SteeringMethod):
             td: dict[int, Tensor] = {}
             for layer in reversed(blocks):
                 h, td[layer] = self.decoders[layer](h)
-            with torch.no_grad():
-                sizes = torch.stack([td[l].pow(2).sum(dim=-1).mean(dim=1).sqrt() for l in blocks], dim=1)
+            size = None
+            if sizes:
+                with torch.no_grad():
+                    size = self._per_block(
+                        torch.stack([td[l].pow(2).sum(dim=-1).mean(dim=1).sqrt() for l in blocks], dim=1)
+                    )
             if value_maps is not None:
                 td = {l: F.linear(td[l], w, b) for l, (w, b) in zip(blocks, value_maps)}
-            return td, self._per_block(sizes)
+            return td, size
         ops = self._operators(blocks)
-        sizes = self._rms(z, m, ops)
+        size = self._per_block(_rms(z, m, ops)) if sizes else None
         if value_maps is not None:
             ops = [w @ op for op, (w, _) in zip(ops, value_maps)]
         stacked = F.linear(z, torch.cat(ops, dim=0)).unflatten(-1, (len(blocks), d))  # (B, N, nb, d)
         stacked = stacked * m[..., None, None]
         if value_maps is not None and value_maps[0][1] is not None:
             stacked = stacked + torch.stack([b for _, b in value_maps])  # b_v is not scaled by m
-        return dict(zip(blocks, stacked.unbind(dim=-2))), self._per_block(sizes)  # unbind: one stack backward
+        return dict(zip(blocks, stacked.unbind(dim=-2))), size  # unbind: one stack backward
 
     def _operators(self, blocks: list[int]) -> list[Tensor]:
         """T_l = W2_l W1_l … W1_top Pᵀ for `blocks` (ascending), so that td_l = m·(T_l z)."""
@@ -286,18 +291,6 @@ class Toast(SteeringMethod):
         d = qkv.out_features // 3
         bias = qkv.bias[2 * d :] if (self.config.official_compat and qkv.bias is not None) else None
         return qkv.weight[2 * d :], bias
-
-    @staticmethod
-    def _rms(z: Tensor, m: Tensor, ops: list[Tensor]) -> Tensor:
-        """Root-mean-square over tokens of ‖td_l‖ (B, nb) without forming td, from moments:
-        mean_i m_i² z_iᵀ (T_lᵀ T_l) z_i = ⟨T_lᵀ T_l, S⟩ / N with S = Σ_i m_i² z_i z_iᵀ per image
-        (B·N·d² + nb·d³ flops instead of a token-sized matmul per block)."""
-        with torch.no_grad():
-            weighted = z * m.unsqueeze(-1)
-            moments = weighted.transpose(1, 2) @ weighted  # (B, d, d)
-            t = torch.stack(ops)
-            grams = t.transpose(1, 2) @ t  # (nb, d, d)
-            return (torch.einsum("lij,bij->bl", grams, moments) / z.shape[1]).clamp_min(0).sqrt()
 
     def _per_block(self, sizes: Tensor) -> Tensor:
         """(B, nb) over the feedback blocks → (B, L), zero for blocks that get no feedback."""
@@ -368,7 +361,7 @@ class Toast(SteeringMethod):
         vit, late_start = self.vit, self.resume_block
         # (2) selection and (3) feedback, sent straight into value space (ΔV_l = W_v,l td_l)
         m = self.select(first.tokens)
-        deltas, td_norm = self._signal(first.tokens, m, None, into_values=True)
+        deltas, td_norm = self._signal(first.tokens, m, None, into_values=True, sizes=capture.all_tokens)
         # (4) pass 2, restarted from the pass-1 stream entering the first feedback block: the
         # embedding (and, in late feedback, every block below) would only recompute pass 1
         second = steered_forward(
@@ -384,7 +377,9 @@ class Toast(SteeringMethod):
         if late_start > 0:
             _merge_below(second, first, late_start)
         features = pool(vit, second)
-        extras: dict[str, Any] = {"pass1": first, "selection": m, "td_norm": td_norm}
+        extras: dict[str, Any] = {"pass1": first, "selection": m}
+        if td_norm is not None:  # a view's quantity: a pooled-only (training, scoring) step skips it
+            extras["td_norm"] = td_norm
         return MethodOutput(logits=self.head(features), features=features, out=second, extras=extras)
 
     # --- pre-tuning loss ------------------------------------------------------------------------
@@ -441,6 +436,18 @@ class ToastLite(Toast):
         if not cfg.lite:
             raise ValueError("TOAST-Lite needs a config with lite=True (use ToastLiteConfig).")
         super().__init__(backbone, num_classes, cfg)
+
+
+def _rms(z: Tensor, m: Tensor, ops: list[Tensor]) -> Tensor:
+    """Root-mean-square over tokens of ‖td_l‖ (B, nb) without forming td, from moments:
+    mean_i m_i² z_iᵀ (T_lᵀ T_l) z_i = ⟨T_lᵀ T_l, S⟩ / N with S = Σ_i m_i² z_i z_iᵀ per image
+    (B·N·d² + nb·d³ flops instead of a token-sized matmul per block)."""
+    with torch.no_grad():
+        weighted = z * m.unsqueeze(-1)
+        moments = weighted.transpose(1, 2) @ weighted  # (B, d, d)
+        t = torch.stack(ops)
+        grams = t.transpose(1, 2) @ t  # (nb, d, d)
+        return (torch.einsum("lij,bij->bl", grams, moments) / z.shape[1]).clamp_min(0).sqrt()
 
 
 def _feedback_range(cfg: ToastConfig, depth: int) -> tuple[int, int]:

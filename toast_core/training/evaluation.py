@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from toast_core.core.device import pick_device
+from toast_core.core.forward import POOLED_ONLY
 from toast_core.data.base import LabeledImages, to_model_input
 from toast_core.methods.base import SteeringMethod
 from toast_core.views import AttentionView, cls_view, compute_view
@@ -96,7 +97,7 @@ def evaluate(
                     break
                 images = data.images[start : start + batch_size]
                 targets = data.labels[start : start + batch_size].to(method_device(method))
-                logits = method(prepare_batch(method, images)).logits
+                logits = method(prepare_batch(method, images), POOLED_ONLY).logits
                 total_loss += float(task_loss(logits, targets)) * len(images)
                 correct += correct_count(logits, targets)
                 n += len(images)
@@ -116,7 +117,7 @@ def predict(
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
                 batch = prepare_batch(method, images[start : start + batch_size])
-                logits = method(batch).logits.float()
+                logits = method(batch, POOLED_ONLY).logits.float()
                 outs.append((logits.sigmoid() if multilabel else logits.softmax(dim=-1)).cpu())
     finally:
         method.train(was_training)

@@ -14,7 +14,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -299,7 +299,8 @@ class _Loop:
         )
         self.optimizer = build_optimizer(method, config)
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        self.capture = method.capture_for_loss()
+        # the loss reads the pooled feature (and what the method's own losses capture): see Capture.all_tokens
+        self.capture = replace(method.capture_for_loss(), all_tokens=False)
         self.params = method.trainable_parameters()
         self.history: list[dict[str, float]] = []
         self.step_times: list[float] = []
