@@ -18,6 +18,10 @@ image (`toast_core.training.feature_cache`) and a step after the first epoch run
 pass 2 only (`*_cached`: a filled cache read per step). The first epoch still computes pass 1 and
 stores it (`*_fill`: the cost of a step whose images are not cached yet), reported beside it.
 
+Every contender but the reference runs the forward a training step takes: `Capture(all_tokens=False)`,
+so the last block computes its CLS row only (the reference is the released code's structure, which
+computes every row). Full fine-tuning gets the same saving, so `*_vs_full` compares like with like.
+
 Default: timm vit_tiny_patch16_224 (random init, no download), 224 px, batch 16, CPU, one thread.
 Every contender is timed once per round in rotating order (interleaved, so load drifts hit all
 alike), after warm-up rounds; medians are reported. The default clock is the process's CPU time

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="absolute steps per trial (overrides --budget)")
     ap.add_argument("--arm", action="append", default=[],
                     help="a recipe variant 'key=value,...' tried beside the recipe itself (instead of the lr candidates)")
+    ap.add_argument("--no-baseline", action="store_true", help="with --arm: skip the recipe itself (already measured)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = [parse_arm(a) for a in args.arm]
     for r in recipes:
         if arms:
-            trials = [({}, r)] + [(arm, apply_arm(r, arm)) for arm in arms]
+            trials = ([] if args.no_baseline else [({}, r)]) + [(arm, apply_arm(r, arm)) for arm in arms]
         else:
             trials = [({"lr": lr}, r.with_lr(lr)) for lr in sorted({r.lr, *CANDIDATES.get(r.method, ())})]
         for arm, trial in trials:
