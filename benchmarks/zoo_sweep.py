@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="absolute steps per trial (overrides --budget)")
     ap.add_argument("--arm", action="append", default=[],
                     help="a recipe variant 'key=value,...' tried beside the recipe itself (instead of the lr candidates)")
+    ap.add_argument("--per-class", type=int, default=0, help="training images per class (default: the zoo's)")
     ap.add_argument("--no-baseline", action="store_true", help="with --arm: skip the recipe itself (already measured)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     from toast_core.core.backbone import load_backbone, tiny_fixture_backbone
 
     backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded")
-    splits = task_splits(args.task, smoke=args.smoke, with_test=False)
+    splits = task_splits(args.task, smoke=args.smoke, with_test=False, train_per_class=args.per_class or None)
+    per_class = len(splits["train"]) // max(1, splits["train"].num_classes)
     rows: list[dict[str, Any]] = json.loads(OUT.read_text()) if OUT.exists() and not args.smoke else []
     arms = [parse_arm(a) for a in args.arm]
     for r in recipes:
@@ -122,15 +124,18 @@ def main(argv: list[str] | None = None) -> int:
             row = {
                 "task": args.task, "entry": r.entry, "method": r.method, "arm": arm_label(arm) if arms else "lr",
                 "lr": lr, "steps": steps,
-                "batch": r.batch_size, "val_acc": val, "val_n": n, "val_lo": lo, "val_hi": hi,
+                "batch": r.batch_size, "train_per_class": per_class, "val_acc": val, "val_n": n, "val_lo": lo, "val_hi": hi,
                 "train_acc": result.final.get("train_acc", float("nan")),
                 "seconds": time.perf_counter() - t0, "smoke": args.smoke,
             }
+            if not args.smoke and OUT.exists():  # re-read: another sweep may have written meanwhile
+                rows = json.loads(OUT.read_text())
             rows = [x for x in rows if not (x["task"] == args.task and x["entry"] == r.entry and x["lr"] == lr
-                                            and x.get("arm", "lr") == row["arm"] and x["steps"] == steps)]
+                                            and x.get("arm", "lr") == row["arm"] and x["steps"] == steps
+                                            and x.get("train_per_class", 300) == per_class)]
             rows.append(row)
             print(
-                f"[{args.task}] {r.entry} {row['arm']} lr {lr:g} x{steps}: val {val:.3f} [{lo:.3f}, {hi:.3f}] (n={n}), "
+                f"[{args.task}] {r.entry} {row['arm']} lr {lr:g} x{steps}, {per_class}/class: val {val:.3f} [{lo:.3f}, {hi:.3f}] (n={n}), "
                 f"train {row['train_acc']:.3f}, {row['seconds']:.0f} s",
                 flush=True,
             )

@@ -42,9 +42,12 @@ def _smoke_split(per_class: int, seed: int) -> LabeledImages:
     return LabeledImages(images, labels, ["a", "b", "c"], masks, {"smoke": True}, objects)
 
 
-def task_splits(task: str, *, smoke: bool = False, with_test: bool = True) -> dict[str, LabeledImages]:
-    """The zoo's train / val (/ test) splits of a built-in task (smoke: tiny random data)."""
-    sizes = {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS, "test": TEST_PER_CLASS}
+def task_splits(
+    task: str, *, smoke: bool = False, with_test: bool = True, train_per_class: int | None = None
+) -> dict[str, LabeledImages]:
+    """The zoo's train / val (/ test) splits of a built-in task (smoke: tiny random data);
+    `train_per_class` sizes the train split differently (a sweep asking whether more data helps)."""
+    sizes = {"train": train_per_class or TRAIN_PER_CLASS, "val": VAL_PER_CLASS, "test": TEST_PER_CLASS}
     if not with_test:
         sizes.pop("test")
     if smoke:
