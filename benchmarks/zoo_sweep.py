@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     per_class = len(splits["train"]) // max(1, splits["train"].num_classes)
     rows: list[dict[str, Any]] = json.loads(OUT.read_text()) if OUT.exists() and not args.smoke else []
     arms = [parse_arm(a) for a in args.arm]
+    ran: dict[str, list[dict[str, Any]]] = {}  # this run's trials per entry (the best is picked among them)
     for r in recipes:
         if arms:
             trials = ([] if args.no_baseline else [({}, r)]) + [(arm, apply_arm(r, arm)) for arm in arms]
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                                             and x.get("arm", "lr") == row["arm"] and x["steps"] == steps
                                             and x.get("train_per_class", 300) == per_class)]
             rows.append(row)
+            ran.setdefault(r.entry, []).append(row)
             print(
                 f"[{args.task}] {r.entry} {row['arm']} lr {lr:g} x{steps}, {per_class}/class: val {val:.3f} [{lo:.3f}, {hi:.3f}] (n={n}), "
                 f"train {row['train_acc']:.3f}, {row['seconds']:.0f} s",
@@ -143,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 OUT.write_text(json.dumps(rows, indent=1))
     best: dict[str, str] = {}
     for r in recipes:
-        mine = [x for x in rows if x["task"] == args.task and x["entry"] == r.entry and x.get("arm", "lr") != "lr"] if arms \
-            else [x for x in rows if x["task"] == args.task and x["entry"] == r.entry and x.get("arm", "lr") == "lr"]
-        if mine:  # ties (same number of images right) go to the recipe itself
-            top = max(mine, key=lambda x: (round(x["val_acc"] * x["val_n"]), x["lr"] == r.lr and x.get("arm") in ("lr", "recipe")))
+        if r.entry in ran:  # ties (same number of images right) go to the recipe itself
+            top = max(ran[r.entry], key=lambda x: (round(x["val_acc"] * x["val_n"]), x["lr"] == r.lr and x["arm"] in ("lr", "recipe")))
             best[r.entry] = top["arm"] if arms else f"{top['lr']:g}"
     minutes = (time.perf_counter() - t_start) / 60
     print(f"val images per class: {VAL_PER_CLASS}; budget {args.budget:.2f} of each recipe's steps")
