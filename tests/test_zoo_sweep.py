@@ -23,7 +23,9 @@ def test_an_arm_sets_recipe_fields_and_method_settings() -> None:
 
 
 def test_a_smoke_sweep_trains_every_arm(capsys: pytest.CaptureFixture[str]) -> None:
-    assert sweep.main(["--smoke", "--entries", "lora", "--arm", "lr=0.02", "--arm", "r=2,targets=q+v+proj"]) == 0
+    assert (
+        sweep.main(["--smoke", "--entries", "lora", "--arm", "lr=0.02", "--arm", "r=2,targets=q+v+proj"]) == 0
+    )
     out = capsys.readouterr().out
     own = f"lora recipe lr {recipe('glyphs', 'lora').lr:g}"
     assert own in out and "lora lr=0.02 lr 0.02" in out and "lora r=2,targets=q+v+proj" in out
