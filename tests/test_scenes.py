@@ -272,6 +272,21 @@ def test_task_scenes_have_distractors_and_a_mostly_visible_decider(task: str) ->
         assert (scene.index_map == 2).sum() >= 40  # distractor pixels really are in the image
 
 
+@pytest.mark.parametrize("task", list(scenes.TASKS))
+def test_no_distractor_control_keeps_only_the_deciding_object(task: str) -> None:
+    clean = scenes.make_task_split(task, "val", per_class=2, seed=0, distractors=(0, 0))
+    cluttered = scenes.make_task_split(task, "val", per_class=2, seed=0)
+    assert clean.labels.tolist() == cluttered.labels.tolist()
+    assert clean.masks is not None and clean.objects is not None and cluttered.objects is not None
+    assert torch.equal(clean.masks, clean.objects)  # every object pixel is the deciding object's
+    assert (clean.masks.flatten(1).sum(1) > 0).all()
+    assert (cluttered.objects & ~cluttered.masks).flatten(1).any(1).all()  # the task itself has distractors
+    assert clean.meta["distractors"] == [0, 0] and "distractors" not in cluttered.meta
+    for i in (0, len(clean) - 1):
+        scene = scenes.task_scene(task, 0, "val", i, int(clean.labels[i]), distractors=(0, 0))
+        assert scene.classes == [scenes.TASKS[task].classes[int(clean.labels[i])]]
+
+
 def test_unknown_task_or_split() -> None:
     with pytest.raises(KeyError, match="Unknown task"):
         scenes.make_task_split("cars", "train", 1)

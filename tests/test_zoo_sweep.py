@@ -30,3 +30,12 @@ def test_a_smoke_sweep_trains_every_arm(capsys: pytest.CaptureFixture[str]) -> N
     own = f"lora recipe lr {recipe('glyphs', 'lora').lr:g}"
     assert own in out and "lora lr=0.02 lr 0.02" in out and "lora r=2,targets=q+v+proj" in out
     assert out.strip().splitlines()[-1].startswith("RESULT task=glyphs") and "lora=" in out.splitlines()[-1]
+
+
+def test_the_ceiling_benchmark_trains_on_the_control_and_scores_both_splits(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import representation_ceiling as ceiling
+
+    assert ceiling.main(["--smoke", "--tasks", "glyphs", "--entries", "linear"]) == 0
+    out = capsys.readouterr().out
+    assert "[glyphs] linear" in out and "trained clean -> clean" in out and "cluttered" in out
+    assert out.strip().splitlines()[-1].startswith("RESULT glyphs_linear_ceiling=")

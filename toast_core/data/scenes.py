@@ -398,11 +398,18 @@ def source_stream(seed: int, split: str = "train", size: int = DEFAULT_SIZE):
 
 
 # --- downstream tasks ----------------------------------------------------------------------------
-def task_scene(task: str, seed: int, split: str, index: int, label: int, size: int = DEFAULT_SIZE) -> Scene:
-    """A downstream scene: the deciding object of class `label` plus source distractors."""
+def task_scene(
+    task: str, seed: int, split: str, index: int, label: int, size: int = DEFAULT_SIZE,
+    distractors: tuple[int, int] | None = None,
+) -> Scene:
+    """A downstream scene: the deciding object of class `label` plus source distractors.
+
+    `distractors` overrides the task's (min, max) count; (0, 0) is the no-distractor control, the
+    same deciding objects on the same cluttered backgrounds with nothing to confuse them with."""
     spec = TASKS[task]
     rng = _rng(seed, split, 1 + list(TASKS).index(task), index)
-    n_dis = int(rng.integers(spec.distractors[0], spec.distractors[1] + 1))
+    low, high = spec.distractors if distractors is None else distractors
+    n_dis = int(rng.integers(low, high + 1))
     kinds = [SOURCE_CLASSES[int(c)] for c in rng.integers(0, len(SOURCE_CLASSES), n_dis)]
     diameters = [float(rng.uniform(0.22, 0.34) * size) for _ in kinds]
     slot = int(rng.integers(0, n_dis + 1))
@@ -421,8 +428,12 @@ def task_scene(task: str, seed: int, split: str, index: int, label: int, size: i
     return scene
 
 
-def make_task_split(task: str, split: str, per_class: int, seed: int = 0, size: int = DEFAULT_SIZE) -> LabeledImages:
-    """A balanced split of a downstream task; masks are the deciding object, objects every object."""
+def make_task_split(
+    task: str, split: str, per_class: int, seed: int = 0, size: int = DEFAULT_SIZE,
+    distractors: tuple[int, int] | None = None,
+) -> LabeledImages:
+    """A balanced split of a downstream task; masks are the deciding object, objects every object.
+    `distractors` overrides the task's count ((0, 0): the no-distractor control)."""
     if task not in TASKS:
         raise KeyError(f"Unknown task '{task}'; built-in tasks are {', '.join(TASKS)}.")
     if split not in SPLITS:
@@ -434,14 +445,15 @@ def make_task_split(task: str, split: str, per_class: int, seed: int = 0, size: 
     objects = np.empty((n, size, size), bool)
     labels = np.arange(n) % len(spec.classes)
     for i in range(n):
-        scene = task_scene(task, seed, split, i, int(labels[i]), size)
+        scene = task_scene(task, seed, split, i, int(labels[i]), size, distractors)
         images[i], masks[i], objects[i] = scene.image, scene.index_map == 1, scene.index_map > 0
     return LabeledImages(
         images=_channels_first(images),
         labels=torch.from_numpy(labels).long(),
         class_names=list(spec.classes),
         masks=torch.from_numpy(masks),
-        meta={"task": task, "split": split, "seed": seed, "per_class": per_class, "data_version": DATA_VERSION},
+        meta={"task": task, "split": split, "seed": seed, "per_class": per_class, "data_version": DATA_VERSION,
+              **({} if distractors is None else {"distractors": list(distractors)})},
         objects=torch.from_numpy(objects),
     )
 

@@ -43,10 +43,12 @@ def _smoke_split(per_class: int, seed: int) -> LabeledImages:
 
 
 def task_splits(
-    task: str, *, smoke: bool = False, with_test: bool = True, train_per_class: int | None = None
+    task: str, *, smoke: bool = False, with_test: bool = True, train_per_class: int | None = None,
+    distractors: tuple[int, int] | None = None,
 ) -> dict[str, LabeledImages]:
     """The zoo's train / val (/ test) splits of a built-in task (smoke: tiny random data);
-    `train_per_class` sizes the train split differently (a sweep asking whether more data helps)."""
+    `train_per_class` sizes the train split differently (a sweep asking whether more data helps),
+    `distractors` overrides the task's distractor count ((0, 0): the no-distractor control)."""
     sizes = {"train": train_per_class or TRAIN_PER_CLASS, "val": VAL_PER_CLASS, "test": TEST_PER_CLASS}
     if not with_test:
         sizes.pop("test")
@@ -54,7 +56,7 @@ def task_splits(
         return {s: _smoke_split(SMOKE_SIZES[s], i) for i, s in enumerate(sizes)}
     from toast_core.data.scenes import make_task_split
 
-    return {s: make_task_split(task, s, per_class=n, seed=DATA_SEED) for s, n in sizes.items()}
+    return {s: make_task_split(task, s, per_class=n, seed=DATA_SEED, distractors=distractors) for s, n in sizes.items()}
 
 
 def build_entry_method(recipe: Recipe, backbone: Backbone, num_classes: int, seed: int) -> SteeringMethod:
