@@ -69,9 +69,15 @@ def measure(task: str, entries: list[str], seed: int, smoke: bool) -> list[dict[
         seconds = time.perf_counter() - t0
         method.eval()
         row: dict[str, Any] = {
-            "task": task, "entry": entry, "steps": recipe.steps, "lr": recipe.lr, "seed": seed, "smoke": smoke,
+            "task": task,
+            "entry": entry,
+            "steps": recipe.steps,
+            "lr": recipe.lr,
+            "seed": seed,
+            "smoke": smoke,
             "train_per_class": len(clean["train"]) // max(1, clean["train"].num_classes),
-            "train_s": seconds, "train_acc": result.final.get("train_acc"),
+            "train_s": seconds,
+            "train_acc": result.final.get("train_acc"),
             "clean_val": result.final.get("val_acc"),
             "clean_on_clean": _score(method, clean["test"]),
             "clean_on_cluttered": _score(method, cluttered_test),
@@ -87,8 +93,11 @@ def measure(task: str, entries: list[str], seed: int, smoke: bool) -> list[dict[
         print(
             f"[{task}] {entry} ({seconds:.0f} s): trained clean -> clean {_fmt(row['clean_on_clean'])}, "
             f"cluttered {_fmt(row['clean_on_cluttered'])}"
-            + (f"; zoo -> cluttered {_fmt(row['zoo_on_cluttered'])}, clean {_fmt(row['zoo_on_clean'])}"
-               if "zoo_on_clean" in row else ""),
+            + (
+                f"; zoo -> cluttered {_fmt(row['zoo_on_cluttered'])}, clean {_fmt(row['zoo_on_clean'])}"
+                if "zoo_on_clean" in row
+                else ""
+            ),
             flush=True,
         )
         rows.append(row)

@@ -32,7 +32,9 @@ def test_a_smoke_sweep_trains_every_arm(capsys: pytest.CaptureFixture[str]) -> N
     assert out.strip().splitlines()[-1].startswith("RESULT task=glyphs") and "lora=" in out.splitlines()[-1]
 
 
-def test_the_ceiling_benchmark_trains_on_the_control_and_scores_both_splits(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_ceiling_benchmark_trains_on_the_control_and_scores_both_splits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from benchmarks import representation_ceiling as ceiling
 
     assert ceiling.main(["--smoke", "--tasks", "glyphs", "--entries", "linear"]) == 0
