@@ -151,3 +151,15 @@ def test_first_open_of_the_explorer_compares_six_zoo_modules(tmp_path):
             browser.close()
     log = (artifacts / "zoo_server.log").read_text()
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_paired_comparison_of_two_shipped_modules_counts_the_same_images() -> None:
+    from benchmarks.zoo_paired import paired
+
+    r = paired("glyphs", "full", "lora", per_class=2)
+    assert r["n"] == 20
+    assert r["diff"] == pytest.approx(r["acc_a"] - r["acc_b"])
+    assert r["only_a"] - r["only_b"] == round(r["diff"] * r["n"])  # discordant pairs are the difference
+    assert r["lo"] <= r["diff"] <= r["hi"]
+    same = paired("glyphs", "lora", "lora", per_class=2)
+    assert (same["diff"], same["only_a"], same["only_b"], same["lo"], same["hi"]) == (0.0, 0, 0, 0.0, 0.0)
