@@ -64,9 +64,9 @@ def zoo_section(backbone) -> None:
     if not rows:
         return
     st.subheader("The lecture zoo (shipped)")
-    st.caption("Every method trained on each built-in task from its lecture recipe (the linear probe's learning "
-               "rate, TOAST's head rate and LoRA's learning rate and length chosen on the validation split; the others "
-               "the project's defaults, not yet swept), scored on the test split. Brackets: 95% intervals (Wilson for "
+    st.caption("Every method trained on each built-in task from its lecture recipe (learning rates, and the "
+               "length of full fine-tuning and LoRA, chosen on the validation split; the few-shot and attention-"
+               "transfer entries keep the project's defaults), scored on the test split. Brackets: 95% intervals (Wilson for "
                "accuracy, bootstrap over images for focus). Object share: the deciding object's share of "
                "the attention that lands on objects; chance = its share of the objects' area. Faith gap: LeRF − MoRF "
                "token-deletion AUC of the same map (> 0: the prediction depends on where the map points).")
