@@ -56,6 +56,8 @@ def _scores(backbone: Backbone, task: str, root: Path) -> tuple[dict[str, dict[s
             "right": np.asarray(view.pred) == data.labels.numpy(),
             "focus": mass["on_target"],
             "object_share": mass["on_target"] / np.maximum(mass["on_objects"], 1e-12),
+            # the card's accuracy on the whole test split: "most accurate" means what the zoo table says
+            "test_acc": np.asarray(float(e.test.get("acc", np.nan))),
         }
     return out, data.labels.numpy()
 
@@ -66,7 +68,7 @@ def pick_presets(backbone: Backbone, task: str, root: Path = ZOO_DIR) -> list[Le
     if "linear" not in scores or len(scores) < 3:
         return []
     steering = {k: v for k, v in scores.items() if k != "linear"}
-    accs = {k: float(np.mean(v["right"])) for k, v in steering.items()}
+    accs = {k: float(v["test_acc"]) if np.isfinite(v["test_acc"]) else float(np.mean(v["right"])) for k, v in steering.items()}
     best = max(accs, key=accs.get)
     lin, top = scores["linear"], scores[best]
     presets: list[LecturePreset] = []
@@ -78,7 +80,8 @@ def pick_presets(backbone: Backbone, task: str, root: Path = ZOO_DIR) -> list[Le
             f"{task}-steered", f"{task}: the linear probe misreads, {best} does not", task, "test", i, "cls",
             f"The linear probe keeps the backbone's attention and gets this scene wrong; {best} (the most "
             f"accurate steering module here) reads it right with {gain[i]:+.0%} more attention on the deciding object.",
-            f"argmax over scenes where linear is wrong and {best} right of (focus_{best} - focus_linear)",
+            f"argmax over scenes where linear is wrong and {best} right of (focus_{best} - focus_linear) "
+            f"({best}: the steering module with the highest test accuracy on its card)",
         ))
     # 2. the scene where the modules' attention on the deciding object differs most
     stack = np.stack([v["focus"] for v in scores.values()])
