@@ -13,8 +13,8 @@ that records each trial in `benchmarks/zoo_sweep.json` / RESULTS.md (`zoo_sweep.
   (`benchmarks/toast_study.py`); TOAST's own lr 1e-3 beat 3e-3 on both tasks;
 - LoRA: lr 1e-2 beat 3e-3, a 10x head rate and rank 8 on q/v/proj; 500 steps on glyphs (0.690 vs
   0.675 at 300, 0.665 at 1000), 300 on stars (0.575 vs 0.519 at 500);
-- full fine-tuning: lr 3e-4 beat 1e-4 and 1e-3 on both tasks; 500 steps (glyphs 0.700 vs 0.640
-  at 300 and 0.525 at 150; stars 0.662 vs 0.562 / 0.506);
+- full fine-tuning: lr 3e-4 beat 1e-4 and 1e-3 on both tasks; 800 steps on glyphs (0.725 vs 0.700
+  at 500, 0.640 at 300), 500 on stars (0.662 vs 0.562 at 300, 0.613 at 800);
 - BitFit lr 1e-2 (vs 5e-3, 3e-2), TOAST-Lite lr 1e-2 (vs 1e-3, 3e-3), VPT and pixel prompts per
   task (TASK_OVERRIDES).
 The recipes are the defaults of the Tuning Lab and the CLI for the built-in tasks and the recipes
