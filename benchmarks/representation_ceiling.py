@@ -33,7 +33,7 @@ import torch
 from toast_core.data.base import LabeledImages
 from toast_core.training.recipes import RECIPES
 from toast_core.training.zoo.evaluate import score_split
-from toast_core.training.zoo.train_entry import build_entry_method, task_splits, train_entry
+from toast_core.training.zoo.train_entry import build_entry_method, task_splits, train_entry, zoo_split
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "representation_ceiling.json"
@@ -57,7 +57,7 @@ def measure(task: str, entries: list[str], seed: int, smoke: bool) -> list[dict[
 
     backbone = tiny_fixture_backbone() if smoke else load_backbone("embedded")
     clean = task_splits(task, smoke=smoke, distractors=CONTROL)
-    cluttered_test = task_splits(task, smoke=smoke)["test"]
+    cluttered_test = zoo_split(task, "test", smoke=smoke)
     rows = []
     for entry in entries:
         recipe = RECIPES[task][entry]

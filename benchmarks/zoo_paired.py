@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from toast_core.core.stats import bootstrap_interval
-from toast_core.data.scenes import make_task_split
-from toast_core.training.recipes import DATA_SEED, TEST_PER_CLASS
 from toast_core.training.zoo.evaluate import per_class_subset, score_split
+from toast_core.training.zoo.train_entry import zoo_split
 
 
 def paired(task: str, a: str, b: str, per_class: int = 0) -> dict[str, float]:
@@ -27,7 +26,7 @@ def paired(task: str, a: str, b: str, per_class: int = 0) -> dict[str, float]:
     from toast_core.training.zoo.catalog import find_entry, load_entry
 
     backbone = load_backbone("embedded")
-    test = make_task_split(task, "test", TEST_PER_CLASS, seed=DATA_SEED)
+    test = zoo_split(task, "test")
     if per_class:
         test = per_class_subset(test, per_class)
     correct = {}

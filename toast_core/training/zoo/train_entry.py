@@ -49,14 +49,24 @@ def task_splits(
     """The zoo's train / val (/ test) splits of a built-in task (smoke: tiny random data);
     `train_per_class` sizes the train split differently (a sweep asking whether more data helps),
     `distractors` overrides the task's distractor count ((0, 0): the no-distractor control)."""
-    sizes = {"train": train_per_class or TRAIN_PER_CLASS, "val": VAL_PER_CLASS, "test": TEST_PER_CLASS}
-    if not with_test:
-        sizes.pop("test")
+    names = ("train", "val", "test") if with_test else ("train", "val")
+    return {
+        s: zoo_split(task, s, smoke=smoke, per_class=train_per_class if s == "train" else None, distractors=distractors)
+        for s in names
+    }
+
+
+def zoo_split(
+    task: str, split: str, *, smoke: bool = False, per_class: int | None = None,
+    distractors: tuple[int, int] | None = None,
+) -> LabeledImages:
+    """One of the zoo's splits alone (a reader of the test split need not render the train split)."""
     if smoke:
-        return {s: _smoke_split(SMOKE_SIZES[s], i) for i, s in enumerate(sizes)}
+        return _smoke_split(SMOKE_SIZES[split], list(SMOKE_SIZES).index(split))
     from toast_core.data.scenes import make_task_split
 
-    return {s: make_task_split(task, s, per_class=n, seed=DATA_SEED, distractors=distractors) for s, n in sizes.items()}
+    default = {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS, "test": TEST_PER_CLASS}[split]
+    return make_task_split(task, split, per_class=per_class or default, seed=DATA_SEED, distractors=distractors)
 
 
 def build_entry_method(recipe: Recipe, backbone: Backbone, num_classes: int, seed: int) -> SteeringMethod:

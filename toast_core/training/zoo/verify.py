@@ -11,7 +11,7 @@ from toast_core.core.backbone import Backbone
 from toast_core.training.zoo.build import ZOO_DIR
 from toast_core.training.zoo.catalog import load_entry, zoo_entries
 from toast_core.training.zoo.evaluate import score_split
-from toast_core.training.zoo.train_entry import episode_test, task_splits
+from toast_core.training.zoo.train_entry import episode_test, zoo_split
 
 
 def verify(
@@ -28,7 +28,7 @@ def verify(
     for e in entries:
         smoke = bool(e.zoo.get("smoke"))
         if e.task not in tests:
-            tests[e.task] = task_splits(e.task, smoke=smoke)["test"]
+            tests[e.task] = zoo_split(e.task, "test", smoke=smoke)
         test = tests[e.task]
         classes = (e.zoo.get("episode") or {}).get("classes")
         if classes:
