@@ -32,8 +32,9 @@ import torch
 
 from toast_core.data.base import LabeledImages
 from toast_core.training.recipes import RECIPES
+from toast_core.training.zoo.build import train_per_class
 from toast_core.training.zoo.evaluate import score_split
-from toast_core.training.zoo.train_entry import build_entry_method, task_splits, train_entry, zoo_split
+from toast_core.training.zoo.train_entry import build_entry_method, train_entry, zoo_split
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "representation_ceiling.json"
@@ -56,11 +57,16 @@ def measure(task: str, entries: list[str], seed: int, smoke: bool) -> list[dict[
     from toast_core.training.zoo.catalog import find_entry, load_entry
 
     backbone = tiny_fixture_backbone() if smoke else load_backbone("embedded")
-    clean = task_splits(task, smoke=smoke, distractors=CONTROL)
+    clean = {s: zoo_split(task, s, smoke=smoke, distractors=CONTROL) for s in ("val", "test")}
+    clean_train: dict[int, LabeledImages] = {}  # the control's train split at each recipe's size
     cluttered_test = zoo_split(task, "test", smoke=smoke)
     rows = []
     for entry in entries:
         recipe = RECIPES[task][entry]
+        size = train_per_class(recipe)
+        if size not in clean_train:
+            clean_train[size] = zoo_split(task, "train", smoke=smoke, per_class=size, distractors=CONTROL)
+        clean["train"] = clean_train[size]
         if smoke:
             recipe = dataclasses.replace(recipe, steps=3)
         method = build_entry_method(recipe, backbone, clean["train"].num_classes, seed)

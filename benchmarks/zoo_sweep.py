@@ -26,6 +26,7 @@ import torch
 
 from toast_core.core.stats import wilson_interval
 from toast_core.training.recipes import RECIPES, VAL_PER_CLASS, Recipe
+from toast_core.training.zoo.build import train_per_class
 from toast_core.training.zoo.train_entry import build_entry_method, task_splits, train_entry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="absolute steps per trial (overrides --budget)")
     ap.add_argument("--arm", action="append", default=[],
                     help="a recipe variant 'key=value,...' tried beside the recipe itself (instead of the lr candidates)")
-    ap.add_argument("--per-class", type=int, default=0, help="training images per class (default: the zoo's)")
+    ap.add_argument("--per-class", type=int, default=0, help="training images per class (default: each recipe's own)")
     ap.add_argument("--no-baseline", action="store_true", help="with --arm: skip the recipe itself (already measured)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -103,12 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     from toast_core.core.backbone import load_backbone, tiny_fixture_backbone
 
     backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded")
-    splits = task_splits(args.task, smoke=args.smoke, with_test=False, train_per_class=args.per_class or None)
-    per_class = len(splits["train"]) // max(1, splits["train"].num_classes)
+    by_size: dict[int, dict[str, Any]] = {}  # train size per class -> splits (rendered once)
     rows: list[dict[str, Any]] = json.loads(OUT.read_text()) if OUT.exists() and not args.smoke else []
     arms = [parse_arm(a) for a in args.arm]
     ran: dict[str, list[dict[str, Any]]] = {}  # this run's trials per entry (the best is picked among them)
     for r in recipes:
+        size = args.per_class or train_per_class(r)
+        if size not in by_size:
+            by_size[size] = task_splits(args.task, smoke=args.smoke, with_test=False, train_per_class=size)
+        splits = by_size[size]
+        per_class = len(splits["train"]) // max(1, splits["train"].num_classes)
         if arms:
             trials = ([] if args.no_baseline else [({}, r)]) + [(arm, apply_arm(r, arm)) for arm in arms]
         else:

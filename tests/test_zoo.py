@@ -76,6 +76,26 @@ def test_build_writes_cards_with_recipe_seed_and_intervals(smoke_zoo, backbone):
     assert len(episode["episode"]["classes"]) == 3 and episode["prompt_on_object"] is not None
 
 
+def test_each_entry_trains_on_its_recipes_split_size():
+    """Full fine-tuning validated better on more images than the others need: the build renders one
+    train split per size (val and test once) and an episode draws from the zoo's default split."""
+    import dataclasses
+
+    from toast_core.training.recipes import TRAIN_PER_CLASS
+    from toast_core.training.zoo.build import _SplitCache, train_per_class
+
+    small = dataclasses.replace(recipe("stars", "lora"), per_class=2)
+    larger = dataclasses.replace(recipe("stars", "full"), per_class=3)
+    assert train_per_class(recipe("stars", "fewshot_full")) == TRAIN_PER_CLASS
+    assert train_per_class(larger) == 3
+    cache = _SplitCache("stars", smoke=False)
+    a, b, again = cache.for_recipe(small), cache.for_recipe(larger), cache.for_recipe(small)
+    classes = a["train"].num_classes
+    assert (len(a["train"]), len(b["train"])) == (2 * classes, 3 * classes)
+    assert again["train"] is a["train"] and b["val"] is a["val"] and cache.test() is a["test"]
+    assert a["train"].class_names == b["train"].class_names
+
+
 def test_build_is_deterministic_and_keeps_current_cards(smoke_zoo, backbone, tmp_path):
     root, _ = smoke_zoo
     again = build(["stars"], ("lora", "full"), root=tmp_path, backbone=backbone, smoke=True, threads=1, log=lambda _: None)

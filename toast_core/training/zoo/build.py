@@ -34,9 +34,9 @@ from toast_core.training.recipes import (
 from toast_core.training.zoo.evaluate import score_faithfulness, score_split
 from toast_core.training.zoo.train_entry import (
     build_entry_method,
-    task_splits,
     train_entry,
     train_episode_entry,
+    zoo_split,
 )
 
 ZOO_DIR = CHECKPOINT_DIR / "zoo"
@@ -61,6 +61,36 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     if recipe.kind == "episode":
         return dataclasses.replace(recipe, episode=(3, 2), steps=2, batch_size=6)
     return dataclasses.replace(recipe, steps=2, batch_size=4)
+
+
+def train_per_class(recipe: Recipe) -> int:
+    """Training images per class of the split an entry trains on: its recipe's (full fine-tuning
+    validated better on more data than the other methods need), the zoo's default for an episode
+    (drawn from that split)."""
+    return recipe.per_class if recipe.kind != "episode" and recipe.per_class > 0 else TRAIN_PER_CLASS
+
+
+class _SplitCache:
+    """A task's splits, rendered once: val and test are shared; a train split per size asked for."""
+
+    def __init__(self, task: str, smoke: bool) -> None:
+        self.task, self.smoke = task, smoke
+        self._shared: dict[str, LabeledImages] = {}
+        self._train: dict[int, LabeledImages] = {}
+
+    def _eval(self) -> dict[str, LabeledImages]:
+        if not self._shared:
+            self._shared = {s: zoo_split(self.task, s, smoke=self.smoke) for s in ("val", "test")}
+        return self._shared
+
+    def for_recipe(self, recipe: Recipe) -> dict[str, LabeledImages]:
+        size = train_per_class(recipe)
+        if size not in self._train:
+            self._train[size] = zoo_split(self.task, "train", smoke=self.smoke, per_class=size)
+        return {"train": self._train[size], **self._eval()}
+
+    def test(self) -> LabeledImages:
+        return self._eval()["test"]
 
 
 def storage_for(num_params: int) -> str:
@@ -182,7 +212,7 @@ def build(
     cards: list[Path] = []
     for task in tasks:
         recipes = shipped_entries(task) if wanted is None else [RECIPES[task][e] for e in RECIPES[task] if e in wanted]
-        splits: dict[str, LabeledImages] | None = None
+        splits = _SplitCache(task, smoke)
         for recipe in recipes:
             recipe = smoke_recipe(recipe) if smoke else recipe
             stem = entry_stem(task, recipe.entry, root)
@@ -191,21 +221,20 @@ def build(
                 log(f"[{task}] {recipe.entry}: card is current, kept")
                 cards.append(stem.with_suffix(".json"))
                 continue
-            if splits is None:
-                splits = task_splits(task, smoke=smoke)
             if current:
-                zoo = _rescore(stem, backbone, splits["test"])
+                zoo = _rescore(stem, backbone, splits.test())
                 log(f"[{task}] {recipe.entry}: module is current, re-scored (test acc {zoo['test']['acc']:.3f}, "
                     f"faithfulness gap {zoo['faithfulness']['gap']:.3f})")
                 cards.append(stem.with_suffix(".json"))
                 continue
             t0 = time.perf_counter()
-            method, info = _build_one(backbone, task, recipe, splits, seed)
+            data = splits.for_recipe(recipe)
+            method, info = _build_one(backbone, task, recipe, data, seed)
             info.update(
                 recipe=_jsonable_recipe(recipe), seed=seed, data_seed=DATA_SEED, threads=threads,
                 device=str(backbone.device), wall_s=time.perf_counter() - t0, smoke=smoke,
                 idle_s_estimate=info["train_cpu_s"] / max(1, threads),
-                data={"train_per_class": TRAIN_PER_CLASS, "val_per_class": VAL_PER_CLASS,
+                data={"train_per_class": len(data["train"]) // max(1, data["train"].num_classes), "val_per_class": VAL_PER_CLASS,
                       "test_per_class": TEST_PER_CLASS},
             )
             test = info["test"]
