@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arm", action="append", default=[],
                     help="a recipe variant 'key=value,...' tried beside the recipe itself (instead of the lr candidates)")
     ap.add_argument("--per-class", type=int, default=0, help="training images per class (default: each recipe's own)")
+    ap.add_argument("--val-per-class", type=int, default=0,
+                    help="validation images per class (default: the zoo's; a larger split ranks close trials)")
     ap.add_argument("--no-baseline", action="store_true", help="with --arm: skip the recipe itself (already measured)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in recipes:
         size = args.per_class or train_per_class(r)
         if size not in by_size:
-            by_size[size] = task_splits(args.task, smoke=args.smoke, with_test=False, train_per_class=size)
+            by_size[size] = task_splits(args.task, smoke=args.smoke, with_test=False, train_per_class=size,
+                                        val_per_class=args.val_per_class or None)
         splits = by_size[size]
         per_class = len(splits["train"]) // max(1, splits["train"].num_classes)
         if arms:
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows = json.loads(OUT.read_text())
             rows = [x for x in rows if not (x["task"] == args.task and x["entry"] == r.entry and x["lr"] == lr
                                             and x.get("arm", "lr") == row["arm"] and x["steps"] == steps
-                                            and x.get("train_per_class", 300) == per_class)]
+                                            and x.get("train_per_class", 300) == per_class
+                                            and x.get("val_n") == n)]
             rows.append(row)
             ran.setdefault(r.entry, []).append(row)
             print(
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             top = max(ran[r.entry], key=lambda x: (round(x["val_acc"] * x["val_n"]), x["lr"] == r.lr and x["arm"] in ("lr", "recipe")))
             best[r.entry] = top["arm"] if arms else f"{top['lr']:g}"
     minutes = (time.perf_counter() - t_start) / 60
-    print(f"val images per class: {VAL_PER_CLASS}; budget {args.budget:.2f} of each recipe's steps")
+    print(f"val images per class: {args.val_per_class or VAL_PER_CLASS}; budget {args.budget:.2f} of each recipe's steps")
     print(f"RESULT task={args.task} minutes={minutes:.1f} " + " ".join(f"{k}={v}" for k, v in best.items()))
     return 0
 

@@ -107,7 +107,8 @@ def _pixel_mismatch(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> 
 def test_pixels_are_those_of_the_data_version() -> None:
     with np.load(REFERENCE) as stored:
         want = {name: stored[name] for name in stored.files}
-    assert _pixel_mismatch(_reference_sample(), want) == []
+    problems = _pixel_mismatch(_reference_sample(), want)
+    assert problems == [], "\n".join(problems)
 
 
 def test_pixel_check_tells_rounding_from_a_generator_change(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -96,6 +96,17 @@ def test_each_entry_trains_on_its_recipes_split_size():
     assert a["train"].class_names == b["train"].class_names
 
 
+def test_a_larger_validation_split_begins_with_the_zoos():
+    """A sweep may rank close trials on more validation images; the zoo's own images stay its first."""
+    from toast_core.training.zoo.train_entry import task_splits, zoo_split
+
+    larger = task_splits("stars", with_test=False, train_per_class=1, val_per_class=3)["val"]
+    zoo_val = zoo_split("stars", "val", per_class=1)
+    assert len(larger) == 3 * len(zoo_val)
+    assert torch.equal(larger.images[: len(zoo_val)], zoo_val.images)
+    assert torch.equal(larger.labels[: len(zoo_val)], zoo_val.labels)
+
+
 def test_build_is_deterministic_and_keeps_current_cards(smoke_zoo, backbone, tmp_path):
     root, _ = smoke_zoo
     again = build(["stars"], ("lora", "full"), root=tmp_path, backbone=backbone, smoke=True, threads=1, log=lambda _: None)

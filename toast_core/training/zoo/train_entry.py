@@ -44,16 +44,15 @@ def _smoke_split(per_class: int, seed: int) -> LabeledImages:
 
 def task_splits(
     task: str, *, smoke: bool = False, with_test: bool = True, train_per_class: int | None = None,
-    distractors: tuple[int, int] | None = None,
+    distractors: tuple[int, int] | None = None, val_per_class: int | None = None,
 ) -> dict[str, LabeledImages]:
     """The zoo's train / val (/ test) splits of a built-in task (smoke: tiny random data);
     `train_per_class` sizes the train split differently (a sweep asking whether more data helps),
-    `distractors` overrides the task's distractor count ((0, 0): the no-distractor control)."""
+    `val_per_class` the validation split (a larger one ranks close candidates; it begins with the
+    zoo's), `distractors` overrides the task's distractor count ((0, 0): the no-distractor control)."""
     names = ("train", "val", "test") if with_test else ("train", "val")
-    return {
-        s: zoo_split(task, s, smoke=smoke, per_class=train_per_class if s == "train" else None, distractors=distractors)
-        for s in names
-    }
+    sizes = {"train": train_per_class, "val": val_per_class}
+    return {s: zoo_split(task, s, smoke=smoke, per_class=sizes.get(s), distractors=distractors) for s in names}
 
 
 def zoo_split(
