@@ -65,7 +65,8 @@ def zoo_section(backbone) -> None:
         return
     st.subheader("The lecture zoo (shipped)")
     st.caption("Every method trained on each built-in task from its lecture recipe (learning rates, and the "
-               "length of full fine-tuning and LoRA and full fine-tuning's data, chosen on the validation split; the few-shot and attention-"
+               "length of full fine-tuning and LoRA, and full fine-tuning's training-set size, chosen on the validation split; "
+               "the few-shot and attention-"
                "transfer entries keep the project's defaults), scored on the test split. Brackets: 95% intervals (Wilson for "
                "accuracy, bootstrap over images for focus). Object share: the deciding object's share of "
                "the attention that lands on objects; chance = its share of the objects' area. Faith gap: LeRF − MoRF "

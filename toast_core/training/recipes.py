@@ -3,7 +3,7 @@
 The shipped budgets of earlier rounds (50 images per class, <= 80 steps) left every method within
 noise of chance, so a comparison taught nothing. These recipes give each method one to four
 CPU-minutes on 2 cores with 300 training images per class, except the two strongest methods: LoRA
-trains 300-500 steps (5-9 CPU-minutes) and full fine-tuning 800 (stars) and 1200 (glyphs) steps on
+trains 500 steps (about 7 CPU-minutes) and full fine-tuning 800 (stars) and 1200 (glyphs) steps on
 600 images per class (14-20 CPU-minutes) so that they reach the accuracy the zoo is meant
 to show (see RESULTS.md). `zoo build` trains each entry on a train split of its recipe's size.
 
