@@ -32,7 +32,6 @@ import torch
 
 from toast_core.data.base import LabeledImages
 from toast_core.training.recipes import RECIPES
-from toast_core.training.zoo.build import train_per_class
 from toast_core.training.zoo.evaluate import score_split
 from toast_core.training.zoo.train_entry import build_entry_method, train_entry, zoo_split
 
@@ -63,7 +62,7 @@ def measure(task: str, entries: list[str], seed: int, smoke: bool) -> list[dict[
     rows = []
     for entry in entries:
         recipe = RECIPES[task][entry]
-        size = train_per_class(recipe)
+        size = recipe.train_per_class
         if size not in clean_train:
             clean_train[size] = zoo_split(task, "train", smoke=smoke, per_class=size, distractors=CONTROL)
         clean["train"] = clean_train[size]

@@ -26,7 +26,6 @@ import torch
 
 from toast_core.core.stats import wilson_interval
 from toast_core.training.recipes import RECIPES, VAL_PER_CLASS, Recipe
-from toast_core.training.zoo.build import train_per_class
 from toast_core.training.zoo.train_entry import build_entry_method, task_splits, train_entry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = [parse_arm(a) for a in args.arm]
     ran: dict[str, list[dict[str, Any]]] = {}  # this run's trials per entry (the best is picked among them)
     for r in recipes:
-        size = args.per_class or train_per_class(r)
+        size = args.per_class or r.train_per_class
         if size not in by_size:
             by_size[size] = task_splits(args.task, smoke=args.smoke, with_test=False, train_per_class=size,
                                         val_per_class=args.val_per_class or None)

@@ -82,12 +82,12 @@ def test_each_entry_trains_on_its_recipes_split_size():
     import dataclasses
 
     from toast_core.training.recipes import TRAIN_PER_CLASS
-    from toast_core.training.zoo.build import _SplitCache, train_per_class
+    from toast_core.training.zoo.build import _SplitCache
 
     small = dataclasses.replace(recipe("stars", "lora"), per_class=2)
     larger = dataclasses.replace(recipe("stars", "full"), per_class=3)
-    assert train_per_class(recipe("stars", "fewshot_full")) == TRAIN_PER_CLASS
-    assert train_per_class(larger) == 3
+    assert recipe("stars", "fewshot_full").train_per_class == TRAIN_PER_CLASS
+    assert larger.train_per_class == 3
     cache = _SplitCache("stars", smoke=False)
     a, b, again = cache.for_recipe(small), cache.for_recipe(larger), cache.for_recipe(small)
     classes = a["train"].num_classes

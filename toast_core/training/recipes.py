@@ -84,6 +84,13 @@ class Recipe:
         values.update(overrides)
         return TrainConfig(**values)
 
+    @property
+    def train_per_class(self) -> int:
+        """Training images per class of the split this entry trains on: its own (full fine-tuning
+        validated better on more data than the other methods need); an episode draws from the zoo's
+        default split."""
+        return self.per_class if self.kind != "episode" and self.per_class > 0 else TRAIN_PER_CLASS
+
     def with_lr(self, lr: float) -> Recipe:
         return dataclasses.replace(self, lr=lr)
 

@@ -27,7 +27,6 @@ from toast_core.training.recipes import (
     DATA_SEED,
     RECIPES,
     TEST_PER_CLASS,
-    TRAIN_PER_CLASS,
     VAL_PER_CLASS,
     Recipe,
 )
@@ -63,13 +62,6 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, steps=2, batch_size=4)
 
 
-def train_per_class(recipe: Recipe) -> int:
-    """Training images per class of the split an entry trains on: its recipe's (full fine-tuning
-    validated better on more data than the other methods need), the zoo's default for an episode
-    (drawn from that split)."""
-    return recipe.per_class if recipe.kind != "episode" and recipe.per_class > 0 else TRAIN_PER_CLASS
-
-
 class _SplitCache:
     """A task's splits, rendered once: val and test are shared; a train split per size asked for."""
 
@@ -84,7 +76,7 @@ class _SplitCache:
         return self._shared
 
     def for_recipe(self, recipe: Recipe) -> dict[str, LabeledImages]:
-        size = train_per_class(recipe)
+        size = recipe.train_per_class
         if size not in self._train:
             self._train[size] = zoo_split(self.task, "train", smoke=self.smoke, per_class=size)
         return {"train": self._train[size], **self._eval()}
