@@ -33,7 +33,7 @@ import torch
 from toast_core.data.base import LabeledImages
 from toast_core.training.recipes import RECIPES
 from toast_core.training.zoo.evaluate import score_split
-from toast_core.training.zoo.train_entry import build_entry_method, train_entry, zoo_split
+from toast_core.training.zoo.train_entry import ZooSplits, build_entry_method, train_entry, zoo_split
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "representation_ceiling.json"
@@ -56,16 +56,12 @@ def measure(task: str, entries: list[str], seed: int, smoke: bool) -> list[dict[
     from toast_core.training.zoo.catalog import find_entry, load_entry
 
     backbone = tiny_fixture_backbone() if smoke else load_backbone("embedded")
-    clean = {s: zoo_split(task, s, smoke=smoke, distractors=CONTROL) for s in ("val", "test")}
-    clean_train: dict[int, LabeledImages] = {}  # the control's train split at each recipe's size
+    control = ZooSplits(task, smoke=smoke, distractors=CONTROL)
     cluttered_test = zoo_split(task, "test", smoke=smoke)
     rows = []
     for entry in entries:
         recipe = RECIPES[task][entry]
-        size = recipe.train_per_class
-        if size not in clean_train:
-            clean_train[size] = zoo_split(task, "train", smoke=smoke, per_class=size, distractors=CONTROL)
-        clean["train"] = clean_train[size]
+        clean = control.for_recipe(recipe)
         if smoke:
             recipe = dataclasses.replace(recipe, steps=3)
         method = build_entry_method(recipe, backbone, clean["train"].num_classes, seed)

@@ -26,7 +26,7 @@ import torch
 
 from toast_core.core.stats import wilson_interval
 from toast_core.training.recipes import RECIPES, VAL_PER_CLASS, Recipe
-from toast_core.training.zoo.train_entry import build_entry_method, task_splits, train_entry
+from toast_core.training.zoo.train_entry import ZooSplits, build_entry_method, train_entry
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "zoo_sweep.json"
@@ -105,16 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     from toast_core.core.backbone import load_backbone, tiny_fixture_backbone
 
     backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded")
-    by_size: dict[int, dict[str, Any]] = {}  # train size per class -> splits (rendered once)
+    zoo = ZooSplits(args.task, smoke=args.smoke, val_per_class=args.val_per_class or None)
     rows: list[dict[str, Any]] = json.loads(OUT.read_text()) if OUT.exists() and not args.smoke else []
     arms = [parse_arm(a) for a in args.arm]
     ran: dict[str, list[dict[str, Any]]] = {}  # this run's trials per entry (the best is picked among them)
     for r in recipes:
-        size = args.per_class or r.train_per_class
-        if size not in by_size:
-            by_size[size] = task_splits(args.task, smoke=args.smoke, with_test=False, train_per_class=size,
-                                        val_per_class=args.val_per_class or None)
-        splits = by_size[size]
+        splits = {"train": zoo.train(args.per_class or r.train_per_class), "val": zoo.val}
         per_class = len(splits["train"]) // max(1, splits["train"].num_classes)
         if arms:
             trials = ([] if args.no_baseline else [({}, r)]) + [(arm, apply_arm(r, arm)) for arm in arms]

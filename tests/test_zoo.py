@@ -82,25 +82,25 @@ def test_each_entry_trains_on_its_recipes_split_size():
     import dataclasses
 
     from toast_core.training.recipes import TRAIN_PER_CLASS
-    from toast_core.training.zoo.build import _SplitCache
+    from toast_core.training.zoo.train_entry import ZooSplits
 
     small = dataclasses.replace(recipe("stars", "lora"), per_class=2)
     larger = dataclasses.replace(recipe("stars", "full"), per_class=3)
     assert recipe("stars", "fewshot_full").train_per_class == TRAIN_PER_CLASS
     assert larger.train_per_class == 3
-    cache = _SplitCache("stars", smoke=False)
+    cache = ZooSplits("stars")
     a, b, again = cache.for_recipe(small), cache.for_recipe(larger), cache.for_recipe(small)
     classes = a["train"].num_classes
     assert (len(a["train"]), len(b["train"])) == (2 * classes, 3 * classes)
-    assert again["train"] is a["train"] and b["val"] is a["val"] and cache.test() is a["test"]
+    assert again["train"] is a["train"] and b["val"] is a["val"] and cache.test is a["test"]
     assert a["train"].class_names == b["train"].class_names
 
 
 def test_a_larger_validation_split_begins_with_the_zoos():
     """A sweep may rank close trials on more validation images; the zoo's own images stay its first."""
-    from toast_core.training.zoo.train_entry import task_splits, zoo_split
+    from toast_core.training.zoo.train_entry import ZooSplits, zoo_split
 
-    larger = task_splits("stars", with_test=False, train_per_class=1, val_per_class=3)["val"]
+    larger = ZooSplits("stars", val_per_class=3).val
     zoo_val = zoo_split("stars", "val", per_class=1)
     assert len(larger) == 3 * len(zoo_val)
     assert torch.equal(larger.images[: len(zoo_val)], zoo_val.images)

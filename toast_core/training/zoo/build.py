@@ -32,10 +32,10 @@ from toast_core.training.recipes import (
 )
 from toast_core.training.zoo.evaluate import score_faithfulness, score_split
 from toast_core.training.zoo.train_entry import (
+    ZooSplits,
     build_entry_method,
     train_entry,
     train_episode_entry,
-    zoo_split,
 )
 
 ZOO_DIR = CHECKPOINT_DIR / "zoo"
@@ -60,29 +60,6 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     if recipe.kind == "episode":
         return dataclasses.replace(recipe, episode=(3, 2), steps=2, batch_size=6)
     return dataclasses.replace(recipe, steps=2, batch_size=4)
-
-
-class _SplitCache:
-    """A task's splits, rendered once: val and test are shared; a train split per size asked for."""
-
-    def __init__(self, task: str, smoke: bool) -> None:
-        self.task, self.smoke = task, smoke
-        self._shared: dict[str, LabeledImages] = {}
-        self._train: dict[int, LabeledImages] = {}
-
-    def _eval(self) -> dict[str, LabeledImages]:
-        if not self._shared:
-            self._shared = {s: zoo_split(self.task, s, smoke=self.smoke) for s in ("val", "test")}
-        return self._shared
-
-    def for_recipe(self, recipe: Recipe) -> dict[str, LabeledImages]:
-        size = recipe.train_per_class
-        if size not in self._train:
-            self._train[size] = zoo_split(self.task, "train", smoke=self.smoke, per_class=size)
-        return {"train": self._train[size], **self._eval()}
-
-    def test(self) -> LabeledImages:
-        return self._eval()["test"]
 
 
 def storage_for(num_params: int) -> str:
@@ -204,7 +181,7 @@ def build(
     cards: list[Path] = []
     for task in tasks:
         recipes = shipped_entries(task) if wanted is None else [RECIPES[task][e] for e in RECIPES[task] if e in wanted]
-        splits = _SplitCache(task, smoke)
+        splits = ZooSplits(task, smoke=smoke)
         for recipe in recipes:
             recipe = smoke_recipe(recipe) if smoke else recipe
             stem = entry_stem(task, recipe.entry, root)
@@ -214,7 +191,7 @@ def build(
                 cards.append(stem.with_suffix(".json"))
                 continue
             if current:
-                zoo = _rescore(stem, backbone, splits.test())
+                zoo = _rescore(stem, backbone, splits.test)
                 log(f"[{task}] {recipe.entry}: module is current, re-scored (test acc {zoo['test']['acc']:.3f}, "
                     f"faithfulness gap {zoo['faithfulness']['gap']:.3f})")
                 cards.append(stem.with_suffix(".json"))

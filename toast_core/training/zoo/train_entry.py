@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -42,17 +43,50 @@ def _smoke_split(per_class: int, seed: int) -> LabeledImages:
     return LabeledImages(images, labels, ["a", "b", "c"], masks, {"smoke": True}, objects)
 
 
-def task_splits(
-    task: str, *, smoke: bool = False, with_test: bool = True, train_per_class: int | None = None,
-    distractors: tuple[int, int] | None = None, val_per_class: int | None = None,
-) -> dict[str, LabeledImages]:
-    """The zoo's train / val (/ test) splits of a built-in task (smoke: tiny random data);
-    `train_per_class` sizes the train split differently (a sweep asking whether more data helps),
-    `val_per_class` the validation split (a larger one ranks close candidates; it begins with the
-    zoo's), `distractors` overrides the task's distractor count ((0, 0): the no-distractor control)."""
-    names = ("train", "val", "test") if with_test else ("train", "val")
-    sizes = {"train": train_per_class, "val": val_per_class}
-    return {s: zoo_split(task, s, smoke=smoke, per_class=sizes.get(s), distractors=distractors) for s in names}
+def task_splits(task: str, *, smoke: bool = False, with_test: bool = True) -> dict[str, LabeledImages]:
+    """The zoo's train / val (/ test) splits of a built-in task at their default sizes (smoke: tiny
+    random data). A caller that needs other sizes or several train sizes uses `ZooSplits`."""
+    splits = ZooSplits(task, smoke=smoke)
+    out = {"train": splits.train(), "val": splits.val}
+    return out | {"test": splits.test} if with_test else out
+
+
+class ZooSplits:
+    """A task's splits, each rendered once: val and test shared, one train split per size asked for.
+
+    The build, the recipe sweep and the representation ceiling all train entries whose recipes want
+    different train sizes against one val / test pair; this is the one place that renders them.
+    `val_per_class` enlarges the validation split (a sweep ranking close trials; it begins with the
+    zoo's own images), `distractors` overrides the task's distractor count ((0, 0): the control)."""
+
+    def __init__(
+        self, task: str, *, smoke: bool = False, distractors: tuple[int, int] | None = None,
+        val_per_class: int | None = None,
+    ) -> None:
+        self.task, self.smoke, self.distractors, self.val_per_class = task, smoke, distractors, val_per_class
+        self._train: dict[int, LabeledImages] = {}
+
+    def _render(self, split: str, per_class: int | None = None) -> LabeledImages:
+        return zoo_split(self.task, split, smoke=self.smoke, per_class=per_class, distractors=self.distractors)
+
+    @cached_property
+    def val(self) -> LabeledImages:
+        return self._render("val", self.val_per_class)
+
+    @cached_property
+    def test(self) -> LabeledImages:
+        return self._render("test")
+
+    def train(self, per_class: int | None = None) -> LabeledImages:
+        size = per_class or TRAIN_PER_CLASS
+        if size not in self._train:
+            self._train[size] = self._render("train", size)
+        return self._train[size]
+
+    def for_recipe(self, recipe: Recipe, *, with_test: bool = True) -> dict[str, LabeledImages]:
+        """The train split of the recipe's size with the shared val (and test) split."""
+        out = {"train": self.train(recipe.train_per_class), "val": self.val}
+        return out | {"test": self.test} if with_test else out
 
 
 def zoo_split(
