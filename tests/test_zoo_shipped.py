@@ -141,7 +141,7 @@ def test_first_open_of_the_explorer_compares_six_zoo_modules(tmp_path):
             wait_text(page, compared(7, "stars/test/0"), SLOW)  # the base + six zoo modules, nothing trained
             settle(page, timeout_s=SLOW)
             body = page.inner_text("body")
-            zoo_tiles = set(re.findall(r"(\w+) \(stars zoo, test \d+%\)", body))
+            zoo_tiles = set(re.findall(r"(\w+) \(stars zoo, test \d+\.\d%\)", body))
             assert len(zoo_tiles) >= 6, body[:2000]
             predictions = re.findall(r"predicted: (star\d-(?:thin|fat)) \((\d\.\d\d)\)", body)
             assert len(predictions) >= 6, body[:2000]  # each zoo module names a stars class

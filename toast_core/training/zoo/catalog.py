@@ -44,7 +44,7 @@ class ZooEntry:
     @property
     def label(self) -> str:
         acc = self.test.get("acc")
-        tail = f", test {acc:.0%}" if isinstance(acc, float) else ""
+        tail = f", test {acc:.1%}" if isinstance(acc, float) else ""  # 0.598 reads 59.8%, not 60%
         return f"{self.entry} ({self.task} zoo{tail})"
 
 
