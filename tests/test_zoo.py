@@ -355,3 +355,20 @@ def test_a_mixed_scene_reference_is_the_mixed_split_with_the_chosen_focus():
         scene_image("mixed", "train", 5)
     with pytest.raises(ValueError, match="'star' or 'digit'"):
         scene_image("mixed", "test", 5, focus="letter")
+
+
+def test_a_card_is_current_while_it_records_every_recipe_field():
+    """A field retired from Recipe (it never changed training) leaves old cards current; a changed or
+    missing field makes a card stale."""
+    import dataclasses
+
+    from toast_core.training.zoo.build import _jsonable_recipe, _records_recipe
+
+    r = recipe("stars", "transfer_copy")
+    card = _jsonable_recipe(r)
+    assert _records_recipe(card, r)
+    assert _records_recipe({**card, "teacher": "full"}, r)  # the retired field
+    assert not _records_recipe({**card, "steps": r.steps + 1}, r)
+    assert not _records_recipe({k: v for k, v in card.items() if k != "lr"}, r)
+    assert not _records_recipe(_jsonable_recipe(dataclasses.replace(r, lr=r.lr * 2)), r)
+    assert not _records_recipe(None, r)

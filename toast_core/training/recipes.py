@@ -51,8 +51,8 @@ class Recipe:
     """One trainable zoo entry: which registry method, with which settings, on how much data.
 
     `kind`: "task" (the task's train split), "episode" (one N-way K-shot episode drawn from the
-    task's train split; FORT and its baselines) or "transfer" (attention-transfer students, taught
-    by the task's zoo `teacher` entry)."""
+    task's train split; FORT and its baselines) or "transfer" (attention-transfer students; their
+    teacher is the frozen pretrained backbone, as in `toast_core.methods.attention_transfer`)."""
 
     entry: str
     method: str
@@ -64,7 +64,6 @@ class Recipe:
     per_class: int = TRAIN_PER_CLASS
     kind: str = "task"
     episode: tuple[int, int] = (5, 5)  # (n_way, k_shot) for kind "episode"
-    teacher: str = ""  # zoo entry whose module teaches a "transfer" student
     expected_s: float = 0.0
     note: str = ""
     head_lr_scale: float = 1.0  # the head's lr as a multiple of `lr` (TrainConfig.head_lr_scale)
@@ -132,7 +131,7 @@ def _episode_recipes() -> dict[str, Recipe]:
 
 
 def _transfer_recipes() -> dict[str, Recipe]:
-    common = {"kind": "transfer", "teacher": "full"}
+    common = {"kind": "transfer"}
     rows = [
         Recipe("transfer_scratch", "scratch", 150, 32, 1e-3, weight_decay=0.05, **common),
         Recipe("transfer_copy", "attn_copy", 150, 32, 1e-3, weight_decay=0.05, **common),

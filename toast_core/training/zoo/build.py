@@ -83,10 +83,17 @@ def _card_is_current(stem: Path, recipe: Recipe, seed: int, backbone: Backbone) 
     num_params = sum(math.prod(shape) for shape in (card.get("tensors") or {}).values())
     return (
         card.get("storage", "float32") == storage_for(num_params)
-        and zoo.get("recipe") == _jsonable_recipe(recipe)
+        and _records_recipe(zoo.get("recipe"), recipe)
         and zoo.get("seed") == seed
         and (card.get("backbone") or {}).get("weights_hash") == backbone.weights_hash
     )
+
+
+def _records_recipe(recorded: Any, recipe: Recipe) -> bool:
+    """Whether a card's recipe has every field of `recipe` with the same value; a field since retired
+    from Recipe (it changed no training) does not make a card stale."""
+    want = _jsonable_recipe(recipe)
+    return isinstance(recorded, dict) and all(k in recorded and recorded[k] == v for k, v in want.items())
 
 
 def _card_scoring(stem: Path) -> int | None:
