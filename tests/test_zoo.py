@@ -372,3 +372,36 @@ def test_a_card_is_current_while_it_records_every_recipe_field():
     assert not _records_recipe({k: v for k, v in card.items() if k != "lr"}, r)
     assert not _records_recipe(_jsonable_recipe(dataclasses.replace(r, lr=r.lr * 2)), r)
     assert not _records_recipe(None, r)
+
+
+def test_reproduce_rebuilds_elsewhere_and_finds_the_cards_exact(smoke_zoo, backbone, tmp_path):
+    """`zoo reproduce` retrains from the seeds into another folder: same machine, same numbers and
+    weights; a card whose numbers were changed is caught; the checked folder is never written."""
+    from toast_core.training.zoo.reproduce import reproduce
+
+    root, _ = smoke_zoo
+    before = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    summary = reproduce(["stars"], ["linear", "lora"], root=root, into=tmp_path / "again", backbone=backbone,
+                        smoke=True, log=lambda _: None)
+    assert (summary["reproduced"], summary["missing"], summary["exact"], summary["identical_weights"]) == (2, 0, 2, 2)
+    assert summary["max_repro_drift"] == 0.0
+    assert {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == before
+
+    tampered = tmp_path / "tampered"
+    (tampered / "stars").mkdir(parents=True)
+    for name in ("lora.json", "lora.safetensors"):
+        (tampered / "stars" / name).write_bytes((root / "stars" / name).read_bytes())
+    card = json.loads((tampered / "stars" / "lora.json").read_text())
+    card["extra"]["zoo"]["test"]["acc"] += 0.25
+    (tampered / "stars" / "lora.json").write_text(json.dumps(card))
+    summary = reproduce(["stars"], ["lora", "linear"], root=tampered, backbone=backbone, smoke=True, log=lambda _: None)
+    assert summary["missing"] == 1  # no linear card in that folder
+    assert abs(summary["max_repro_drift"] - 0.25) < 1e-9
+
+
+def test_reproduce_refuses_to_rebuild_into_the_folder_it_checks(smoke_zoo, backbone):
+    from toast_core.training.zoo.reproduce import reproduce
+
+    root, _ = smoke_zoo
+    with pytest.raises(ValueError, match="another folder"):
+        reproduce(["stars"], ["linear"], root=root, into=root, backbone=backbone, smoke=True, log=lambda _: None)

@@ -1,4 +1,4 @@
-"""`python -m toast_core zoo build|verify|list` — the zoo's command line."""
+"""`python -m toast_core zoo build|verify|reproduce|list` — the zoo's command line."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from toast_core.training.zoo.build import ZOO_DIR
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("zoo", help="the lecture zoo: build (train every entry from its recipe), verify, list")
-    p.add_argument("action", choices=("build", "verify", "list"))
+    p = sub.add_parser("zoo", help="the lecture zoo: build (train every entry from its recipe), verify, reproduce, list")
+    p.add_argument("action", choices=("build", "verify", "reproduce", "list"),
+                   help="verify: re-score the shipped modules against their cards; reproduce: rebuild entries "
+                   "from their seeds elsewhere and compare the cards")
     p.add_argument("--task", action="append", help="built-in task (repeatable; default: all)")
     p.add_argument("--entries", default="", help="comma list of recipe entries (default: the shipped set)")
     p.add_argument("--seed", type=int, default=0)
@@ -19,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", type=Path, default=ZOO_DIR, help="zoo folder (default: checkpoints/zoo)")
     p.add_argument("--force", action="store_true", help="retrain entries whose card is current")
     p.add_argument("--smoke", action="store_true", help="fixture backbone, random data (needs --root)")
+    p.add_argument("--into", type=Path, default=None,
+                   help="reproduce: folder for the rebuilt entries (default: a temporary one, removed after)")
     p.add_argument("--append-results", action="store_true",
                    help="verify: write the zoo's table and the verify line into benchmarks/RESULTS.md")
 
@@ -52,6 +56,15 @@ def run(args: argparse.Namespace) -> int:
             write_results_section(zoo_rows(backbone, args.root), line)
         print(line)
         return 0 if summary["modules"] and summary["max_card_drift"] <= 0.02 else 1
+    if args.action == "reproduce":
+        from toast_core.training.zoo import reproduce
+
+        entries = [e.strip() for e in args.entries.split(",") if e.strip()] or None
+        summary = reproduce.reproduce(tasks, entries, seed=args.seed, threads=args.threads, root=args.root,
+                                      into=args.into, backbone=backbone, smoke=args.smoke)
+        print(reproduce.result_line(summary))
+        ok = summary["reproduced"] and not summary["missing"] and summary["max_repro_drift"] <= 0.02
+        return 0 if ok else 1
     from toast_core.training.zoo.catalog import zoo_entries
 
     for e in zoo_entries(backbone, args.root):
