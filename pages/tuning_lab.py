@@ -116,7 +116,7 @@ def task_settings(size: int, method: str) -> dict[str, Any] | None:
         d = run_defaults(task, method)
         follow_recipe(f"{task}|{method}", {"tl_per_class": d["per_class"], "tl_val": d["val_per_class"],
                                           "tl_steps": d["steps"], "tl_batch": d["batch_size"], "tl_lr": float(d["lr"])})
-        per_class = c1.number_input("Training images per class", 1, 1000, key="tl_per_class")
+        per_class = c1.number_input("Training images per class", 1, 5000, key="tl_per_class")
         val = c2.number_input("Validation images per class", 0, 1000, key="tl_val")
         return {"task": task, "per_class": int(per_class), "val_per_class": int(val)}
     if source == TASK_SOURCES[1]:
