@@ -162,8 +162,8 @@ def new_run_form(backbone, manager) -> None:
     lr = cols[2].number_input("Learning rate", 1e-6, 100.0, format="%g", key="tl_lr")
     expected = S.expected_train_s(task, method, int(steps), int(batch))
     if expected is not None:
-        st.caption(f"Expected training time: about {expected / 60:.1f} min on 2 CPU cores "
-                   "(measured by the zoo build of this recipe, scaled to these steps and batch).")
+        st.caption(f"Expected training time: about {expected / 60:.1f} min on one CPU core (the zoo build's "
+                   "measured time for this recipe, scaled to these steps and batch; more cores or a GPU take less).")
     cols[3].metric("Image size", f"{size} px", help="The backbone's input size; images are resized to it.")
     cols = st.columns(4)
     eval_every = cols[0].number_input("Evaluate every (steps, 0 = end)", 0, 100_000, 25, key="tl_eval")

@@ -110,9 +110,9 @@ def first_view(backbone: Backbone, task: str, root: Path = ZOO_DIR) -> list[ZooE
 
 
 def expected_train_s(task: str, method: str, steps: int, batch_size: int, root: Path = ZOO_DIR) -> float | None:
-    """Training time a run of `method` on built-in `task` should take on an idle 2-core machine: the
-    zoo build's CPU time for that method's recipe over its threads, scaled by images seen (steps x
-    batch); None without a card."""
+    """Training time a run of `method` on built-in `task` takes on one idle CPU core: the zoo build's
+    CPU time for that method's recipe over its threads (the zoo was built on one), scaled by images
+    seen (steps x batch); None without a card."""
     from toast_core.training.recipes import default_for
 
     r = default_for(task, method)
