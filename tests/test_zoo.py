@@ -367,7 +367,7 @@ def test_a_card_is_current_while_it_records_every_recipe_field():
     r = recipe("stars", "transfer_copy")
     card = _jsonable_recipe(r)
     assert _records_recipe(card, r)
-    assert _records_recipe({**card, "teacher": "full"}, r)  # the retired field
+    assert _records_recipe({**card, "teacher": "full", "expected_s": 0.0}, r)  # retired fields
     assert not _records_recipe({**card, "steps": r.steps + 1}, r)
     assert not _records_recipe({k: v for k, v in card.items() if k != "lr"}, r)
     assert not _records_recipe(_jsonable_recipe(dataclasses.replace(r, lr=r.lr * 2)), r)

@@ -26,8 +26,8 @@ that records each trial in `benchmarks/zoo_sweep.json` / RESULTS.md (`zoo_sweep.
   task (TASK_OVERRIDES).
 The recipes are the defaults of the Tuning Lab and the CLI for the built-in tasks and the recipes
 `python -m toast_core zoo build` trains; the time shown before a run starts is the zoo card's measured
-training time (`toast_core.training.zoo.catalog.expected_train_s`). `Recipe.expected_s` is unused
-(kept at 0 so the shipped cards' recipes stay current).
+training time (`toast_core.training.zoo.catalog.expected_train_s`). Cards written before a field was
+retired from Recipe (`teacher`, `expected_s`) still record it; the build ignores such fields.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ class Recipe:
     per_class: int = TRAIN_PER_CLASS
     kind: str = "task"
     episode: tuple[int, int] = (5, 5)  # (n_way, k_shot) for kind "episode"
-    expected_s: float = 0.0
     note: str = ""
     head_lr_scale: float = 1.0  # the head's lr as a multiple of `lr` (TrainConfig.head_lr_scale)
 
