@@ -33,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
 
     backbone = tiny_fixture_backbone() if args.smoke else load_backbone("embedded")
     tasks = args.task or list(RECIPES)
+    entries = [e.strip() for e in args.entries.split(",") if e.strip()] or None
     if args.action == "build":
         from toast_core.training.zoo.build import build
 
-        entries = [e.strip() for e in args.entries.split(",") if e.strip()] or None
         cards = build(tasks, entries, seed=args.seed, threads=args.threads, root=args.root,
                       backbone=backbone, smoke=args.smoke, force=args.force)
         from toast_core.training.zoo.presets import write_presets
@@ -59,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "reproduce":
         from toast_core.training.zoo import reproduce
 
-        entries = [e.strip() for e in args.entries.split(",") if e.strip()] or None
         summary = reproduce.reproduce(tasks, entries, seed=args.seed, threads=args.threads, root=args.root,
                                       into=args.into, backbone=backbone, smoke=args.smoke)
         print(reproduce.result_line(summary))

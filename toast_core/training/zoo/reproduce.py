@@ -17,6 +17,7 @@ from typing import Any
 from toast_core.core.backbone import Backbone
 from toast_core.storage.checkpoints import read_card
 from toast_core.training.zoo.build import ZOO_DIR, build
+from toast_core.training.zoo.verify import format_result
 
 #: what is compared, per card: the test and validation scores (weights are compared by hash)
 COMPARED = (("test", "acc"), ("val", "acc"), ("test", "focus_ratio"), ("test", "object_share"))
@@ -86,7 +87,4 @@ def reproduce(
 
 
 def result_line(summary: dict[str, Any]) -> str:
-    keys = ("reproduced", "missing", "exact", "identical_weights", "max_repro_drift")
-    return "RESULT " + " ".join(
-        f"{k}={summary[k]:.4f}" if isinstance(summary[k], float) else f"{k}={summary[k]}" for k in keys
-    )
+    return format_result(summary, ("reproduced", "missing", "exact", "identical_weights", "max_repro_drift"))

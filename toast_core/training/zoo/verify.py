@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,13 @@ def verify(
     return out
 
 
+def format_result(summary: dict[str, Any], keys: Iterable[str]) -> str:
+    """One `RESULT key=value ...` line (floats to 4 decimals), the zoo commands' last line."""
+    return "RESULT " + " ".join(
+        f"{k}={summary.get(k):.4f}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}" for k in keys
+    )
+
+
 def result_line(summary: dict[str, Any]) -> str:
     keys = ["modules", "tasks", *sorted(k for k in summary if k.startswith(("best_acc", "linear_acc"))), "max_card_drift"]
-    parts = []
-    for k in keys:
-        v = summary.get(k)
-        parts.append(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}")
-    return "RESULT " + " ".join(parts)
+    return format_result(summary, keys)
